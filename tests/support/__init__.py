@@ -1,0 +1,1 @@
+"""Helpers shared by Conveyor's test suites."""

@@ -1,0 +1,269 @@
+-- Prepended to every Conveyor script when it is loaded (see scripts.py).
+--
+-- KEYS: the queue's key names and prefixes, in the order of keys.SCRIPT_KEY_NAMES; every key a
+--       script touches is built from these, so all of them share the queue's hash tag.
+-- Times: milliseconds from Redis TIME, never from the caller. Group rotation scores add a
+--        binary fraction of a millisecond per use (tick) so that groups served within one
+--        call keep their order; a score below NOW_MS + 1 therefore means "claimable now".
+-- Numbers: always passed to redis.call through fmt(), because Lua's default number-to-string
+--          conversion switches to exponent notation above 14 digits.
+
+local K_JOB, K_ERR, K_READY, K_GROUP, K_DELAYED, K_LEASE, K_DEAD, K_DEDUP, K_RATE,
+  K_LIMITS, K_PAUSED, K_WAKE, K_EVENTS, K_SEQ, K_COUNTS, K_WORKERS, K_WORKER, K_SCHEDULE,
+  K_CONFIG = unpack(KEYS)
+
+local function fmt(n)
+  return string.format('%d', n)
+end
+
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local NOW_MS = clock()
+
+-- Defaults of the sparse job fields: enqueue stores only the fields that differ from these.
+local DEFAULTS = {g = '', m = '3', o = '300000', bb = '1000', bc = '3600000', bj = '1'}
+local function field(value, name)
+  if value == false or value == nil then
+    return DEFAULTS[name]
+  end
+  return value
+end
+local tick_n = 0
+local function tick()
+  tick_n = math.min(tick_n + 1, 1023)
+  return string.format('%.4f', NOW_MS + tick_n / 1024)
+end
+
+-- Queue-wide settings, read once per call; QueueConfig in config.py documents each one.
+local CONFIG = (function()
+  local raw = redis.call('HMGET', K_CONFIG, 'done_ttl_ms', 'dead_max', 'dead_ttl_ms', 'events_max')
+  return {
+    done_ttl_ms = tonumber(raw[1]) or 0,
+    dead_max = tonumber(raw[2]) or 100000,
+    dead_ttl_ms = tonumber(raw[3]) or 7 * 24 * 3600 * 1000,
+    events_max = tonumber(raw[4]) or 100000,
+  }
+end)()
+
+-- Transitions are buffered per event kind and written by finish() as one stream entry per
+-- kind per call: {e = kind, d = JSON array of [job id, job type, class, attempt, detail]}.
+-- The history writer expands them into PostgreSQL rows; the entry id carries the time.
+-- The stream is capped (approximately, in entries) so that a history writer that is down for
+-- days cannot exhaust Redis memory; the writer warns long before the cap is reached.
+local events = {}
+local event_order = {}
+local function emit(event, id, jtype, class, attempt, detail)
+  local list = events[event]
+  if list == nil then
+    list = {}
+    events[event] = list
+    event_order[#event_order + 1] = event
+  end
+  list[#list + 1] = {id, jtype or '', class or '', tonumber(attempt) or 0, detail or ''}
+end
+
+local woken = {}
+local function wake(class)
+  woken[class] = true
+end
+
+-- Counter changes are summed per call and written once at the end (see finish()).
+local pending_counts = {}
+local function count(field, delta)
+  pending_counts[field] = (pending_counts[field] or 0) + delta
+end
+
+-- Groups known to be in ready:<class> during this call, so a batch of jobs for one group
+-- costs one ZADD, not one per job.
+local ready_seen = {}
+
+-- Idle workers block on wake:<class>; a few tokens per class per call are enough to start
+-- every idle worker, because a woken worker keeps claiming until the class runs dry.
+local WAKE_TOKENS = 8
+
+-- Every script that changes state calls this last: it writes the buffered events, the summed
+-- counters and the wake-up tokens.
+local function finish()
+  for _, event in ipairs(event_order) do
+    redis.call('XADD', K_EVENTS, 'MAXLEN', '~', fmt(CONFIG.events_max), '*',
+      'e', event, 'd', cjson.encode(events[event]))
+  end
+  for field, delta in pairs(pending_counts) do
+    if delta ~= 0 then
+      redis.call('HINCRBY', K_COUNTS, field, delta)
+    end
+  end
+  for class, _ in pairs(woken) do
+    local key = K_WAKE .. class
+    redis.call('RPUSH', key, '1', '1', '1', '1', '1', '1', '1', '1')
+    redis.call('LTRIM', key, -WAKE_TOKENS, -1)
+  end
+end
+
+local function make_ready(class, group, id, front)
+  local list = K_GROUP .. class .. ':' .. group
+  if front then
+    redis.call('LPUSH', list, id)
+  else
+    redis.call('RPUSH', list, id)
+  end
+  local seen = class .. ':' .. group
+  if not ready_seen[seen] then
+    -- NX keeps a rate-limited group's future score: new work does not jump its limit.
+    redis.call('ZADD', K_READY .. class, 'NX', tick(), group)
+    ready_seen[seen] = true
+  end
+  count('ready:' .. class, 1)
+  wake(class)
+end
+
+local function schedule_at(class, id, due_ms)
+  local key = K_DELAYED .. class
+  local head = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  redis.call('ZADD', key, fmt(due_ms), id)
+  -- A sleeping worker computed its timeout from the old head; an earlier due time must wake it.
+  if head[2] == nil or due_ms < tonumber(head[2]) then
+    wake(class)
+  end
+end
+
+-- Move due delayed jobs of one class into their group lists.
+local function promote(class, limit)
+  local key = K_DELAYED .. class
+  local due = redis.call('ZRANGEBYSCORE', key, '-inf', fmt(NOW_MS), 'LIMIT', 0, limit)
+  for _, id in ipairs(due) do
+    local job = redis.call('HMGET', K_JOB .. id, 's', 'g')
+    if job[1] then
+      redis.call('HSET', K_JOB .. id, 's', 'queued', 'qt', fmt(NOW_MS))
+      make_ready(class, job[2] or '', id, false)
+    end
+  end
+  if #due > 0 then
+    redis.call('ZREM', key, unpack(due))
+  end
+  return #due
+end
+
+local function dead_letter_trim()
+  local expired = redis.call('ZRANGEBYSCORE', K_DEAD, '-inf', fmt(NOW_MS - CONFIG.dead_ttl_ms),
+    'LIMIT', 0, 100)
+  local excess = redis.call('ZCARD', K_DEAD) - #expired - CONFIG.dead_max
+  if excess > 0 then
+    local oldest = redis.call('ZRANGE', K_DEAD, #expired, #expired + math.min(excess, 100) - 1)
+    for _, id in ipairs(oldest) do
+      expired[#expired + 1] = id
+    end
+  end
+  for _, id in ipairs(expired) do
+    local job = redis.call('HMGET', K_JOB .. id, 't', 'c', 'a')
+    if job[2] then
+      count('dead:' .. job[2], -1)
+    end
+    redis.call('DEL', K_JOB .. id, K_ERR .. id)
+    redis.call('ZREM', K_DEAD, id)
+    emit('purged', id, job[1], job[2], job[3], 'retention')
+  end
+end
+
+local function dead_letter(id, jtype, class, attempt, reason)
+  redis.call('HSET', K_JOB .. id, 's', 'dead', 'dr', reason, 'dt', fmt(NOW_MS))
+  redis.call('HDEL', K_JOB .. id, 'lt', 'ld')
+  redis.call('ZADD', K_DEAD, fmt(NOW_MS), id)
+  count('dead:' .. class, 1)
+  emit('dead_lettered', id, jtype, class, attempt, reason)
+  dead_letter_trim()
+end
+
+-- The end of a leased attempt that did not succeed: record the error, then retry after an
+-- exponential backoff (full jitter unless the job turned jitter off) or dead-letter.
+-- base_ms / cap_ms < 0 mean "use the job's own backoff".
+local function fail_attempt(id, class, reason, message, permanent, base_ms, cap_ms)
+  local key = K_JOB .. id
+  local job = redis.call('HMGET', key, 't', 'a', 'm', 'bb', 'bc', 'bj', 'lt')
+  local attempt = tonumber(job[2]) or 0
+  local max_attempts = tonumber(field(job[3], 'm'))
+  redis.call('ZREM', K_LEASE .. class, id)
+  -- A lease token is '<worker id>/<claim>:<n>', so the failed run's worker is its prefix.
+  local worker = string.match(job[7] or '', '^(.*)/') or ''
+  redis.call('RPUSH', K_ERR .. id, cjson.encode({
+    attempt = attempt, reason = reason, error = message, at = NOW_MS, worker = worker,
+  }))
+  if permanent or attempt >= max_attempts then
+    dead_letter(id, job[1], class, attempt, reason)
+    return 'dead', 0
+  end
+  if base_ms < 0 then base_ms = tonumber(field(job[4], 'bb')) end
+  if cap_ms < 0 then cap_ms = tonumber(field(job[5], 'bc')) end
+  local delay = math.min(cap_ms, base_ms * 2 ^ math.max(attempt - 1, 0))
+  if field(job[6], 'bj') ~= '0' then
+    delay = math.random() * delay
+  end
+  delay = math.floor(delay)
+  redis.call('HSET', key, 's', 'delayed')
+  redis.call('HDEL', key, 'lt', 'ld')
+  schedule_at(class, id, NOW_MS + delay)
+  emit('retried', id, job[1], class, attempt, reason .. ':' .. fmt(delay))
+  return 'retry', delay
+end
+
+-- Returns the job's class when `token` is its current lease, or false: a stale token (lease
+-- expired and recovered, job already finished or handed back) must change nothing.
+local function check_lease(id, token)
+  local job = redis.call('HMGET', K_JOB .. id, 's', 'lt', 'c')
+  if job[1] ~= 'active' or job[2] ~= token then
+    return false
+  end
+  return job[3]
+end
+
+-- Enqueue one job (or return the id already holding its deduplication key). `spec` is the
+-- 13-field record of enqueue.lua; `payload` and `dedup_key` come per job. `seq` comes from one
+-- INCRBY per call. Returns id, 1 when created / 0 when deduplicated.
+local function enqueue_one(seq, spec, payload, dedup_key)
+  if dedup_key ~= '' then
+    local existing = redis.call('GET', K_DEDUP .. dedup_key)
+    if existing then
+      return existing, 0
+    end
+  end
+  local id = string.format('%013d-%06d', NOW_MS, seq % 1000000)
+  local jtype, class, group = spec[1], spec[3], spec[4]
+  local due = 0
+  if tonumber(spec[7]) > 0 then
+    due = NOW_MS + tonumber(spec[7])
+  elseif tonumber(spec[8]) > 0 then
+    due = tonumber(spec[8])
+  end
+  local delayed = due > NOW_MS
+  local hash = {'v', '1', 't', jtype, 'p', payload, 'c', class, 'ct', fmt(NOW_MS),
+    's', delayed and 'delayed' or 'queued'}
+  for name, i in pairs({g = 4, m = 5, o = 6, bb = 11, bc = 12, bj = 13}) do
+    if spec[i] ~= DEFAULTS[name] then
+      hash[#hash + 1] = name
+      hash[#hash + 1] = spec[i]
+    end
+  end
+  if dedup_key ~= '' then
+    hash[#hash + 1] = 'dk'
+    hash[#hash + 1] = dedup_key
+    redis.call('SET', K_DEDUP .. dedup_key, id, 'PX', spec[10])
+  end
+  if delayed then
+    hash[#hash + 1] = 'ra'
+    hash[#hash + 1] = fmt(due)
+  end
+  redis.call('HSET', K_JOB .. id, unpack(hash))
+  if delayed then
+    schedule_at(class, id, due)
+    emit('queued', id, jtype, class, 0, 'at:' .. fmt(due))
+  else
+    make_ready(class, group, id, false)
+    emit('queued', id, jtype, class, 0, '')
+  end
+  return id, 1
+end
+
+-- Script body follows.

@@ -1,0 +1,163 @@
+-- claim: lease up to n ready jobs of the given classes to one worker.
+-- KEYS: the queue keyspace (see _prelude.lua)
+-- ARGV: n, lease_ttl_ms, token_prefix ('<worker id>/<claim number>'), then the classes in
+--       strict priority order
+-- Returns: {now_ms, next_ms, job, job, ...} where next_ms is the earliest moment (ms) at which
+--          more work of these classes may become claimable (-1: none known), and each job is
+--          {id, token, class, type, payload, attempts, max_attempts, timeout_ms, group,
+--          created_ms, queued_ms, version, lease_deadline_ms}; attempts already counts this run.
+--
+-- Order: strict priority between classes; inside a class, groups take turns (a group that was
+-- served goes to the back of its class's rotation); inside a group, FIFO. A group over its rate
+-- limit is re-scored to the moment its limit allows and a paused group leaves the rotation, so
+-- neither ever stands in front of a claimable job.
+local n = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local prefix = ARGV[3]
+local classes = {}
+for i = 4, #ARGV do
+  classes[#classes + 1] = ARGV[i]
+end
+
+local limits = {}
+local function limit_of(group)
+  local spec = limits[group]
+  if spec == nil then
+    spec = redis.call('HGET', K_LIMITS, group)
+    if not spec and group ~= '' then
+      spec = redis.call('HGET', K_LIMITS, '*')
+    end
+    if spec and spec ~= '-' then
+      local c, w = string.match(spec, '^(%d+):(%d+)$')
+      spec = {tonumber(c), tonumber(w)}
+    else
+      spec = false
+    end
+    limits[group] = spec
+  end
+  return spec
+end
+
+-- GCRA: one stored timestamp per group; admits `count` jobs per `window` with bursts up to
+-- `count`. Returns 0 when admitted (and records it), else the ms at which it will be.
+local function admit(group)
+  local spec = limit_of(group)
+  if not spec then
+    return 0
+  end
+  local interval = spec[2] / spec[1]
+  local key = K_RATE .. group
+  local tat = math.max(tonumber(redis.call('GET', key) or 0), NOW_MS)
+  local allowed_at = tat - spec[2] + interval
+  if allowed_at > NOW_MS then
+    return math.ceil(allowed_at)
+  end
+  redis.call('SET', key, fmt(tat + interval), 'PX', fmt(tat + interval - NOW_MS + 1))
+  return 0
+end
+
+local paused_cache = {}
+local function is_paused(group)
+  local p = paused_cache[group]
+  if p == nil then
+    p = redis.call('SISMEMBER', K_PAUSED, group) == 1
+    paused_cache[group] = p
+  end
+  return p
+end
+
+for _, class in ipairs(classes) do
+  local head = redis.call('ZRANGE', K_DELAYED .. class, 0, 0, 'WITHSCORES')
+  if head[2] and tonumber(head[2]) <= NOW_MS then
+    promote(class, 1000)
+  end
+end
+
+local out = {NOW_MS, -1}
+local claimed = 0
+local deadline = NOW_MS + ttl
+local FIELDS = {'t', 'p', 'a', 'm', 'o', 'g', 'ct', 'qt', 'v'}
+
+local function lease(class, ids, leases)
+  for _, id in ipairs(ids) do
+    local key = K_JOB .. id
+    local job = redis.call('HMGET', key, unpack(FIELDS))
+    -- A job hash deleted behind Conveyor's back leaves a dangling id: nothing to run.
+    if job[1] or job[2] or job[3] then
+      local attempts = (tonumber(job[3]) or 0) + 1
+      local token = prefix .. ':' .. fmt(claimed)
+      redis.call('HSET', key, 's', 'active', 'a', fmt(attempts), 'lt', token, 'ld', fmt(deadline))
+      leases[#leases + 1] = fmt(deadline)
+      leases[#leases + 1] = id
+      emit('started', id, job[1], class, attempts, prefix)
+      claimed = claimed + 1
+      out[#out + 1] = {id, token, class, job[1] or false, job[2] or false, attempts,
+        field(job[4], 'm'), field(job[5], 'o'), job[6] or '', job[7] or false,
+        job[8] or job[7] or false, job[9] or false, deadline}
+    end
+  end
+end
+
+for _, class in ipairs(classes) do
+  local ready = K_READY .. class
+  local leases = {}
+  while claimed < n do
+    local heads = redis.call('ZRANGE', ready, 0, 1, 'WITHSCORES')
+    if heads[1] == nil or tonumber(heads[2]) >= NOW_MS + 1 then
+      break
+    end
+    local group = heads[1]
+    local alone = heads[3] == nil or tonumber(heads[4]) >= NOW_MS + 1
+    local wait_until = 0
+    if is_paused(group) then
+      redis.call('ZREM', ready, group)
+    else
+      wait_until = admit(group)
+      if wait_until > 0 then
+        redis.call('ZADD', ready, fmt(wait_until), group)
+      else
+        -- Groups take turns one job at a time; a group with no eligible rival (and no limit
+        -- to count per job) may fill the rest of the batch in one pop.
+        local take = 1
+        if alone and not limit_of(group) then
+          take = n - claimed
+        end
+        local list = K_GROUP .. class .. ':' .. group
+        local ids = redis.call('LPOP', list, take)
+        if not ids then
+          redis.call('ZREM', ready, group)
+        else
+          count('ready:' .. class, -#ids)
+          if redis.call('LLEN', list) == 0 then
+            redis.call('ZREM', ready, group)
+          else
+            redis.call('ZADD', ready, tick(), group)
+          end
+          lease(class, ids, leases)
+        end
+      end
+    end
+  end
+  if #leases > 0 then
+    redis.call('ZADD', K_LEASE .. class, unpack(leases))
+  end
+end
+
+-- Tell the worker how long it may sleep: until the earliest delayed job or rate-limited group.
+local next_ms = -1
+for _, class in ipairs(classes) do
+  local d = redis.call('ZRANGE', K_DELAYED .. class, 0, 0, 'WITHSCORES')
+  if d[2] and (next_ms < 0 or tonumber(d[2]) < next_ms) then
+    next_ms = tonumber(d[2])
+  end
+  local r = redis.call('ZRANGE', K_READY .. class, 0, 0, 'WITHSCORES')
+  if r[2] then
+    local at = math.floor(tonumber(r[2]))
+    if next_ms < 0 or at < next_ms then
+      next_ms = at
+    end
+  end
+end
+out[2] = next_ms
+finish()
+return out

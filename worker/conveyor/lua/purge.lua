@@ -1,0 +1,18 @@
+-- purge: delete dead letters for good.
+-- KEYS: the queue keyspace (see _prelude.lua)
+-- ARGV: job ids
+-- Returns: the number of dead letters deleted.
+local purged = 0
+for _, id in ipairs(ARGV) do
+  if redis.call('ZREM', K_DEAD, id) == 1 then
+    local job = redis.call('HMGET', K_JOB .. id, 't', 'c', 'a')
+    if job[2] then
+      count('dead:' .. job[2], -1)
+    end
+    redis.call('DEL', K_JOB .. id, K_ERR .. id)
+    emit('purged', id, job[1], job[2], job[3], 'manual')
+    purged = purged + 1
+  end
+end
+finish()
+return purged

@@ -1,0 +1,29 @@
+-- replay: move dead letters back to ready with a fresh attempt budget. Payload, class, group
+-- and dedup key are untouched; the error history is kept. Idempotent: an id that is no longer
+-- dead is skipped.
+-- KEYS: the queue keyspace (see _prelude.lua)
+-- ARGV: job ids
+-- Returns: {replayed ids, missing ids (record gone), skipped ids (not dead)}
+local replayed, missing, skipped = {}, {}, {}
+for _, id in ipairs(ARGV) do
+  local key = K_JOB .. id
+  local job = redis.call('HMGET', key, 's', 't', 'c', 'g', 'rc')
+  if redis.call('ZSCORE', K_DEAD, id) == false then
+    skipped[#skipped + 1] = id
+  elseif not job[1] then
+    redis.call('ZREM', K_DEAD, id)
+    missing[#missing + 1] = id
+  else
+    redis.call('ZREM', K_DEAD, id)
+    local class = job[3]
+    local replays = (tonumber(job[5]) or 0) + 1
+    redis.call('HSET', key, 's', 'queued', 'a', '0', 'rc', fmt(replays), 'qt', fmt(NOW_MS))
+    redis.call('HDEL', key, 'dr', 'dt')
+    count('dead:' .. class, -1)
+    make_ready(class, job[4] or '', id, false)
+    emit('replayed', id, job[2], class, 0, fmt(replays))
+    replayed[#replayed + 1] = id
+  end
+end
+finish()
+return {replayed, missing, skipped}

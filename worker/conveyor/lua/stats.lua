@@ -1,0 +1,29 @@
+-- stats: one consistent snapshot of the backlog, at Redis time.
+-- KEYS: the queue keyspace (see _prelude.lua)
+-- ARGV: the classes
+-- Returns: {now_ms, per class {class, ready, due_delayed, future_delayed, in_flight, dead,
+--          oldest_ready_ms (-1: none), limited_groups}}
+-- The oldest ready job is looked up among the first 100 groups of a class only, which bounds the
+-- cost of a stats call; with more groups it can under-report the age.
+local out = {NOW_MS}
+for _, class in ipairs(ARGV) do
+  local counts = redis.call('HMGET', K_COUNTS, 'ready:' .. class, 'dead:' .. class)
+  local delayed = K_DELAYED .. class
+  local due = redis.call('ZCOUNT', delayed, '-inf', fmt(NOW_MS))
+  local total_delayed = redis.call('ZCARD', delayed)
+  local oldest = -1
+  local groups = redis.call('ZRANGE', K_READY .. class, 0, 99)
+  for _, group in ipairs(groups) do
+    local id = redis.call('LINDEX', K_GROUP .. class .. ':' .. group, 0)
+    if id then
+      local qt = tonumber(redis.call('HGET', K_JOB .. id, 'qt'))
+      if qt and (oldest < 0 or qt < oldest) then
+        oldest = qt
+      end
+    end
+  end
+  local limited = redis.call('ZCOUNT', K_READY .. class, fmt(NOW_MS + 1), '+inf')
+  out[#out + 1] = {class, tonumber(counts[1]) or 0, due, total_delayed - due,
+    redis.call('ZCARD', K_LEASE .. class), tonumber(counts[2]) or 0, oldest, limited}
+end
+return out

@@ -1,0 +1,93 @@
+"""Prometheus metrics of producers and workers.
+
+Names follow Prometheus conventions: base units, ``_total`` and ``_seconds`` suffixes, and
+bounded labels only (job type and priority class; never a job id or a group key). Queue depth
+gauges are computed from Redis at scrape time by ``QueueCollector`` so that every process
+reports the same, current numbers.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_JOB = ("job_type", "priority")
+_WAIT_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+    900,
+    3600,
+)
+
+JOBS_ENQUEUED = Counter("conveyor_jobs_enqueued_total", "Jobs accepted by enqueue.", _JOB)
+JOBS_DEDUPLICATED = Counter(
+    "conveyor_jobs_deduplicated_total",
+    "Enqueues answered with an existing job's id because its deduplication key was live.",
+    _JOB,
+)
+PAYLOADS_REFUSED = Counter(
+    "conveyor_jobs_refused_total",
+    "Enqueues refused as invalid (payload too large, ...).",
+    ("job_type",),
+)
+JOBS_STARTED = Counter("conveyor_jobs_started_total", "Attempts started.", _JOB)
+JOBS_COMPLETED = Counter("conveyor_jobs_completed_total", "Attempts that succeeded.", _JOB)
+JOBS_FAILED = Counter(
+    "conveyor_jobs_failed_total", "Attempts that failed (retried or dead-lettered).", _JOB
+)
+JOBS_RETRIED = Counter("conveyor_jobs_retried_total", "Failed attempts scheduled to retry.", _JOB)
+JOBS_DEAD = Counter(
+    "conveyor_jobs_dead_lettered_total", "Jobs sent to the dead-letter queue.", _JOB
+)
+JOBS_POISON = Counter(
+    "conveyor_jobs_poison_total",
+    "Jobs dead-lettered because they could not be decoded or named no known handler.",
+    ("reason",),
+)
+JOBS_HANDED_BACK = Counter(
+    "conveyor_jobs_handed_back_total", "Leased jobs returned unrun by a draining worker.", _JOB
+)
+JOBS_RECOVERED = Counter(
+    "conveyor_jobs_recovered_total", "Expired leases recovered by this process's sweeps."
+)
+LEASES_LOST = Counter(
+    "conveyor_leases_lost_total",
+    "Runs whose lease was lost before they finished; their outcome was discarded.",
+    _JOB,
+)
+QUEUE_WAIT = Histogram(
+    "conveyor_queue_wait_seconds",
+    "Time from becoming ready to being claimed.",
+    _JOB,
+    buckets=_WAIT_BUCKETS,
+)
+RUN_TIME = Histogram(
+    "conveyor_job_run_seconds", "Time an attempt ran.", _JOB, buckets=_WAIT_BUCKETS
+)
+SLOTS_BUSY = Gauge(
+    "conveyor_worker_busy_slots", "Job slots running a job.", multiprocess_mode="livesum"
+)
+SLOTS_TOTAL = Gauge(
+    "conveyor_worker_slots", "Job slots (concurrency).", multiprocess_mode="livesum"
+)
+DRAINING = Gauge(
+    "conveyor_worker_draining",
+    "1 while the worker drains after SIGTERM.",
+    multiprocess_mode="livemax",
+)
+REDIS_RECONNECTS = Counter(
+    "conveyor_redis_reconnects_total", "Times a worker lost Redis and reconnected."
+)

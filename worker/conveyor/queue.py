@@ -1,0 +1,353 @@
+"""The producer and admin API: enqueue, inspect, replay, limit, pause.
+
+``Queue`` is synchronous (web apps, scripts, the CLI); ``AsyncQueue`` offers the enqueue path
+to asyncio code. Both are thin: every state change is one Lua script (see ``scripts``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import redis
+import redis.asyncio
+
+from conveyor import scripts
+from conveyor.config import QueueConfig
+from conveyor.errors import ConfigError, InvalidJob, JobNotFound, translate_redis_error
+from conveyor.job import DEFAULT_MAX_PAYLOAD, JobInfo, JobSpec
+from conveyor.keys import PRIORITY_CLASSES, Keyspace
+from conveyor.metrics import JOBS_DEDUPLICATED, JOBS_ENQUEUED, PAYLOADS_REFUSED
+
+BATCH_LIMIT = 10_000
+"""Jobs per enqueue round trip; larger batches are split (each chunk is atomic)."""
+
+
+class Enqueued(NamedTuple):
+    id: str
+    created: bool
+    """False when a live deduplication key returned an earlier job's id."""
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    priority: str
+    ready: int
+    due_delayed: int
+    future_delayed: int
+    in_flight: int
+    dead: int
+    oldest_ready_age: float | None
+    """Seconds the oldest ready job has waited (among the first 100 groups), or None."""
+    limited_groups: int
+
+    @property
+    def backlog(self) -> int:
+        """What is really waiting or running: the autoscaler's signal."""
+        return self.ready + self.due_delayed + self.in_flight
+
+
+@dataclass
+class _Batch:
+    """One enqueue.lua call: ARGV plus the (job type, class) of each job, for metrics."""
+
+    args: list[Any]
+    labels: list[tuple[str, str]]
+
+
+def _batches(specs: Iterable[JobSpec], max_payload: int) -> list[_Batch]:
+    """Encode jobs into calls of at most ``BATCH_LIMIT`` jobs, consecutive jobs that share
+    their options forming one run (sent once, with only payload and dedup key per job)."""
+    batches: list[_Batch] = []
+    runs = 0
+    template: tuple[Any, ...] | None = None
+    current = _Batch([0], [])
+    for spec in specs:
+        try:
+            payload = spec.encoded_payload(max_payload)
+        except InvalidJob:
+            PAYLOADS_REFUSED.labels(job_type=spec.type).inc()
+            raise
+        if len(current.labels) == BATCH_LIMIT:
+            current.args[0] = runs
+            batches.append(current)
+            current, runs, template = _Batch([0], []), 0, None
+        spec_template = spec.template()
+        if spec_template != template:
+            template = spec_template
+            runs += 1
+            current.args.extend(template)
+            current.args.append(0)
+            count_at = len(current.args) - 1
+        current.args[count_at] += 1
+        current.args.append(payload)
+        current.args.append(spec.dedup_key)
+        current.labels.append((spec.type, spec.priority))
+    if current.labels:
+        current.args[0] = runs
+        batches.append(current)
+    return batches
+
+
+def _count(results: list[Enqueued], labels: list[tuple[str, str]]) -> None:
+    tally: Counter[tuple[bool, str, str]] = Counter(
+        (result.created, *label) for result, label in zip(results, labels, strict=True)
+    )
+    for (created, job_type, priority), n in tally.items():
+        counter = JOBS_ENQUEUED if created else JOBS_DEDUPLICATED
+        counter.labels(job_type=job_type, priority=priority).inc(n)
+
+
+def _parse_enqueued(raw: list[Any]) -> list[Enqueued]:
+    return [Enqueued(raw[i].decode(), raw[i + 1] == 1) for i in range(0, len(raw), 2)]
+
+
+def _uniform(job_type: str, payloads: Iterable[Any], options: dict[str, Any]) -> Iterator[JobSpec]:
+    """Specs sharing one validated set of options; ``dataclasses.replace`` would re-validate."""
+    first = JobSpec(job_type, None, **options)
+    for payload in payloads:
+        spec = object.__new__(JobSpec)
+        spec.__dict__.update(first.__dict__, payload=payload)
+        yield spec
+
+
+def parse_stats(raw: list[Any]) -> list[ClassStats]:
+    now_ms = int(raw[0])
+    out = []
+    for row in raw[1:]:
+        oldest = int(row[6])
+        out.append(
+            ClassStats(
+                priority=row[0].decode(),
+                ready=int(row[1]),
+                due_delayed=int(row[2]),
+                future_delayed=int(row[3]),
+                in_flight=int(row[4]),
+                dead=int(row[5]),
+                oldest_ready_age=None if oldest < 0 else max(0, now_ms - oldest) / 1000,
+                limited_groups=int(row[7]),
+            )
+        )
+    return out
+
+
+class Queue:
+    """A named queue on one Redis (or Redis Cluster: all its keys share one hash slot)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        name: str = "default",
+        *,
+        prefix: str = "conveyor",
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+    ) -> None:
+        self.client = client
+        self.keys = Keyspace(name, prefix)
+        self.max_payload = max_payload
+        self._script_keys = self.keys.script_keys
+
+    @classmethod
+    def from_url(cls, url: str, name: str = "default", **kwargs: Any) -> Queue:
+        return cls(redis.Redis.from_url(url, health_check_interval=30), name, **kwargs)
+
+    def _run(self, script: scripts.LuaScript, args: list[Any]) -> Any:
+        return script.run(self.client, self._script_keys, args)
+
+    def _redis(self, operation: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(self.client, method)(*args, **kwargs)
+        except redis.exceptions.RedisError as exc:
+            raise translate_redis_error(exc, operation) from exc
+
+    # -- producing -----------------------------------------------------------------------------
+
+    def enqueue(self, job_type: str, payload: Any = None, **options: Any) -> Enqueued:
+        """Enqueue one job; ``options`` are the fields of ``JobSpec``."""
+        spec = JobSpec(job_type, {} if payload is None else payload, **options)
+        return self.enqueue_many([spec])[0]
+
+    def enqueue_many(self, specs: Iterable[JobSpec]) -> list[Enqueued]:
+        """Enqueue many jobs, up to ``BATCH_LIMIT`` per round trip, each chunk atomically.
+
+        Every job is validated before anything is sent, so one invalid job stores nothing.
+        """
+        results: list[Enqueued] = []
+        for batch in _batches(specs, self.max_payload):
+            done = _parse_enqueued(self._run(scripts.ENQUEUE, batch.args))
+            _count(done, batch.labels)
+            results.extend(done)
+        return results
+
+    def enqueue_batch(
+        self, job_type: str, payloads: Iterable[Any], **options: Any
+    ) -> list[Enqueued]:
+        """Enqueue one job per payload, all with the same ``JobSpec`` options: the fast path
+        for bulk work (options are validated once)."""
+        return self.enqueue_many(_uniform(job_type, payloads, options))
+
+    # -- inspecting ----------------------------------------------------------------------------
+
+    def get_job(self, job_id: str) -> JobInfo:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.keys.job(job_id))
+        pipe.lrange(self.keys.errors(job_id), 0, -1)
+        try:
+            raw, errors = pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            raise translate_redis_error(exc, "get_job") from exc
+        if not raw:
+            raise JobNotFound(f"no job {job_id} in queue {self.keys.queue}")
+        return JobInfo.from_redis(job_id, raw, errors)
+
+    def stats(self, classes: Iterable[str] = PRIORITY_CLASSES) -> list[ClassStats]:
+        return parse_stats(self._run(scripts.STATS, list(classes)))
+
+    # -- dead letters --------------------------------------------------------------------------
+
+    def dead_letters(
+        self,
+        *,
+        job_type: str | None = None,
+        group: str | None = None,
+        reason: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int | None = None,
+    ) -> Iterator[JobInfo]:
+        """Dead letters, oldest first, filtered; times are Unix seconds of dead-lettering."""
+        low = "-inf" if since is None else int(since * 1000)
+        high = "+inf" if until is None else int(until * 1000)
+        offset, found = 0, 0
+        while limit is None or found < limit:
+            ids = self._redis("dlq", "zrangebyscore", self.keys.dead, low, high, offset, 500)
+            if not ids:
+                return
+            offset += len(ids)
+            for raw_id in ids:
+                job_id = raw_id.decode()
+                try:
+                    info = self.get_job(job_id)
+                except JobNotFound:
+                    continue
+                if (
+                    (job_type is None or info.type == job_type)
+                    and (group is None or info.group == group)
+                    and (reason is None or info.dead_reason == reason)
+                ):
+                    found += 1
+                    yield info
+                    if limit is not None and found >= limit:
+                        return
+
+    def replay(self, job_ids: Iterable[str]) -> ReplayReport:
+        """Send dead letters back to ready with a fresh attempt budget; idempotent."""
+        report = ReplayReport()
+        batch: list[str] = []
+        for job_id in job_ids:
+            batch.append(job_id)
+            if len(batch) == 500:
+                report.add(self._run(scripts.REPLAY, batch))
+                batch = []
+        if batch:
+            report.add(self._run(scripts.REPLAY, batch))
+        return report
+
+    def replay_all(self, **filters: Any) -> ReplayReport:
+        """Replay every dead letter matching the filters of ``dead_letters``."""
+        if filters:
+            return self.replay([info.id for info in self.dead_letters(**filters)])
+        ids = [i.decode() for i in self._redis("dlq", "zrange", self.keys.dead, 0, -1)]
+        return self.replay(ids)
+
+    def purge(self, job_ids: Iterable[str]) -> int:
+        ids = list(job_ids)
+        purged = 0
+        for start in range(0, len(ids), 500):
+            purged += int(self._run(scripts.PURGE, ids[start : start + 500]))
+        return purged
+
+    # -- settings shared by every process ------------------------------------------------------
+
+    def configure(self, config: QueueConfig) -> None:
+        self._redis("configure", "hset", self.keys.config, mapping=config.to_redis())
+
+    def set_rate_limit(self, group: str, count: int, per: float) -> None:
+        """Allow ``count`` jobs of ``group`` per ``per`` seconds; group ``*`` sets the default."""
+        if count < 1 or per <= 0:
+            raise ConfigError("a rate limit needs count >= 1 and per > 0")
+        self._redis("rate_limit", "hset", self.keys.limits, group, f"{count}:{round(per * 1000)}")
+
+    def exempt_from_rate_limit(self, group: str) -> None:
+        """Let ``group`` run unlimited even when a default limit is set."""
+        self._redis("rate_limit", "hset", self.keys.limits, group, "-")
+
+    def clear_rate_limit(self, group: str) -> None:
+        self._redis("rate_limit", "hdel", self.keys.limits, group)
+
+    def rate_limits(self) -> dict[str, str]:
+        raw = self._redis("rate_limit", "hgetall", self.keys.limits)
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def pause_group(self, group: str) -> None:
+        self._redis("pause", "sadd", self.keys.paused, group)
+
+    def resume_group(self, group: str) -> bool:
+        return bool(self._run(scripts.RESUME, [group, *PRIORITY_CLASSES]))
+
+    def paused_groups(self) -> set[str]:
+        return {g.decode() for g in self._redis("pause", "smembers", self.keys.paused)}
+
+
+@dataclass
+class ReplayReport:
+    replayed: int = 0
+    missing: list[str] | None = None
+    """Dead letters whose job record was gone; removed from the dead-letter index."""
+    skipped: int = 0
+    """Ids that were not dead letters (already replayed, purged or never dead)."""
+
+    def add(self, raw: list[list[bytes]]) -> None:
+        self.replayed += len(raw[0])
+        self.missing = (self.missing or []) + [i.decode() for i in raw[1]]
+        self.skipped += len(raw[2])
+
+
+class AsyncQueue:
+    """The enqueue path for asyncio applications."""
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        name: str = "default",
+        *,
+        prefix: str = "conveyor",
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+    ) -> None:
+        self.client = client
+        self.keys = Keyspace(name, prefix)
+        self.max_payload = max_payload
+
+    async def enqueue(self, job_type: str, payload: Any = None, **options: Any) -> Enqueued:
+        spec = JobSpec(job_type, {} if payload is None else payload, **options)
+        return (await self.enqueue_many([spec]))[0]
+
+    async def enqueue_many(self, specs: Iterable[JobSpec]) -> list[Enqueued]:
+        results: list[Enqueued] = []
+        for batch in _batches(specs, self.max_payload):
+            raw = await scripts.ENQUEUE.arun(self.client, self.keys.script_keys, batch.args)
+            done = _parse_enqueued(raw)
+            _count(done, batch.labels)
+            results.extend(done)
+        return results
+
+    async def enqueue_batch(
+        self, job_type: str, payloads: Iterable[Any], **options: Any
+    ) -> list[Enqueued]:
+        return await self.enqueue_many(_uniform(job_type, payloads, options))
+
+    async def stats(self, classes: Iterable[str] = PRIORITY_CLASSES) -> list[ClassStats]:
+        raw = await scripts.STATS.arun(self.client, self.keys.script_keys, list(classes))
+        return parse_stats(raw)

@@ -1,0 +1,156 @@
+"""Sending job outcomes to Redis in batches, and never dropping one.
+
+Handlers finish one by one; the reporter sends everything that finished since its last round
+trip in one ack call, one fail call and one hand-back call. An outcome that cannot be sent
+(Redis down) stays buffered and is sent again with the same lease token once Redis answers:
+the token makes a repeat harmless, and a lease that expired meanwhile is reported as stale
+instead of completing the job twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from conveyor import metrics
+from conveyor.errors import ConveyorError
+from conveyor.leases import Failure, LeaseClient
+
+log = logging.getLogger(__name__)
+
+Labels = tuple[str, str]
+MAX_BATCH = 1000
+
+
+class Reporter:
+    def __init__(self, leases: LeaseClient) -> None:
+        self.leases = leases
+        self._acks: list[tuple[str, str, int]] = []
+        self._ack_labels: list[Labels] = []
+        self._fails: list[Failure] = []
+        self._fail_labels: dict[str, Labels] = {}
+        self._handbacks: list[tuple[str, str]] = []
+        self._ready = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+
+    def ack(self, job_id: str, token: str, runtime_ms: int, labels: Labels) -> None:
+        self._acks.append((job_id, token, runtime_ms))
+        self._ack_labels.append(labels)
+        self._wake()
+
+    def fail(self, failure: Failure, labels: Labels) -> None:
+        self._fails.append(failure)
+        self._fail_labels[failure.job_id] = labels
+        self._wake()
+
+    def hand_back(self, leases: list[tuple[str, str]]) -> None:
+        self._handbacks.extend(leases)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._idle.clear()
+        self._ready.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._acks) + len(self._fails) + len(self._handbacks)
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while self.pending:
+                try:
+                    await self._send_once()
+                except ConveyorError as exc:
+                    failures += 1
+                    if failures == 1:
+                        log.warning(
+                            "cannot report %d outcomes yet, retrying: %s",
+                            self.pending,
+                            exc,
+                            extra={"event": "report_retry"},
+                        )
+                    await asyncio.sleep(random.uniform(0, min(5.0, 0.05 * 2**failures)))
+                    continue
+                if failures:
+                    log.warning(
+                        "outcomes reported again after %d failed tries",
+                        failures,
+                        extra={"event": "report_recovered"},
+                    )
+                    failures = 0
+            self._idle.set()
+
+    async def _send_once(self) -> None:
+        if self._acks:
+            batch, labels = self._acks[:MAX_BATCH], self._ack_labels[:MAX_BATCH]
+            stale = set(await self.leases.ack(batch))
+            del self._acks[: len(batch)], self._ack_labels[: len(batch)]
+            for (job_id, _, _), label in zip(batch, labels, strict=True):
+                if job_id in stale:
+                    metrics.LEASES_LOST.labels(*label).inc()
+                    log.warning(
+                        "ack of job %s rejected: its lease had expired and the job was "
+                        "recovered; this run's result is discarded",
+                        job_id,
+                        extra={"event": "ack_stale", "job_id": job_id},
+                    )
+                else:
+                    metrics.JOBS_COMPLETED.labels(*label).inc()
+        if self._fails:
+            batch_f = self._fails[:MAX_BATCH]
+            outcomes = await self.leases.fail(batch_f)
+            del self._fails[: len(batch_f)]
+            for job_id, outcome, delay_ms in outcomes:
+                label = self._fail_labels.pop(job_id, ("", ""))
+                self._count_failure(job_id, outcome, delay_ms, label)
+        if self._handbacks:
+            batch_h = self._handbacks[:MAX_BATCH]
+            stale_h = await self.leases.hand_back(batch_h)
+            del self._handbacks[: len(batch_h)]
+            metrics.JOBS_HANDED_BACK.labels("", "").inc(len(batch_h) - len(stale_h))
+
+    @staticmethod
+    def _count_failure(job_id: str, outcome: str, delay_ms: int, label: Labels) -> None:
+        if outcome == "stale":
+            metrics.LEASES_LOST.labels(*label).inc()
+            log.warning(
+                "failure of job %s rejected: lease already lost",
+                job_id,
+                extra={"event": "fail_stale", "job_id": job_id},
+            )
+            return
+        metrics.JOBS_FAILED.labels(*label).inc()
+        if outcome == "retry":
+            metrics.JOBS_RETRIED.labels(*label).inc()
+            log.info(
+                "job %s will retry in %.3fs",
+                job_id,
+                delay_ms / 1000,
+                extra={"event": "job_retry", "job_id": job_id},
+            )
+        else:
+            metrics.JOBS_DEAD.labels(*label).inc()
+            log.warning(
+                "job %s dead-lettered", job_id, extra={"event": "job_dead", "job_id": job_id}
+            )
+
+    async def close(self, within: float) -> None:
+        """Wait until everything buffered has been sent, for at most ``within`` seconds."""
+        if not self.pending:
+            return
+        self._ready.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), within)
+        except TimeoutError:
+            log.error(
+                "exiting with %d outcomes unreported; their leases will expire and the "
+                "jobs run again",
+                self.pending,
+                extra={"event": "report_abandoned"},
+            )

@@ -1,0 +1,148 @@
+"""The ``conveyor worker`` parent: keeps worker processes running and relays signals.
+
+Each worker process runs in its own process group, so when one dies (OOM kill, a handler that
+kills itself, a recycle after a stuck sync handler) the supervisor also kills whatever that
+handler started, then starts a replacement with backoff. SIGTERM is relayed to every worker,
+which drains; the supervisor exits 0 once all have exited. A second SIGTERM or SIGINT is
+relayed too, telling the workers to hand back at once. The supervisor is meant to be PID 1 of
+a container (exec-form entrypoint), so it never ignores a signal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from conveyor.worker import EXIT_RECYCLE
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_CAP = 30.0
+HEALTHY_RUN = 60.0
+"""A worker that ran this long before dying restarts without delay."""
+
+
+@dataclass
+class Child:
+    slot: int
+    process: subprocess.Popen[bytes]
+    started: float
+    failures: int = 0
+
+
+class Supervisor:
+    def __init__(self, argv: list[str], processes: int, grace: float) -> None:
+        self.argv = argv
+        self.processes = processes
+        self.grace = grace
+        self.children: dict[int, Child] = {}
+        self.signals = 0
+        self.stop_deadline: float | None = None
+        self._last_failures: dict[int, int] = {}
+
+    def _spawn(self, slot: int, failures: int = 0) -> None:
+        process = subprocess.Popen(self.argv, start_new_session=True)
+        self.children[slot] = Child(slot, process, time.monotonic(), failures)
+        log.info(
+            "worker process %d started (slot %d)",
+            process.pid,
+            slot,
+            extra={"event": "process_started"},
+        )
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.signals += 1
+        if self.stop_deadline is None:
+            # Children drain for `grace`; give them a margin to hand back and exit.
+            self.stop_deadline = time.monotonic() + self.grace + 10
+        log.info(
+            "received %s, relaying to %d worker processes",
+            signal.Signals(signum).name,
+            len(self.children),
+            extra={"event": "supervisor_signal"},
+        )
+        for child in self.children.values():
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        for slot in range(self.processes):
+            self._spawn(slot)
+        restart_at: dict[int, float] = {}
+        while self.children or (restart_at and not self.signals):
+            for slot, child in list(self.children.items()):
+                code = child.process.poll()
+                if code is None:
+                    continue
+                self._reap(child, code)
+                del self.children[slot]
+                if not self.signals:
+                    restart_at[slot] = time.monotonic() + self._restart_delay(child, code)
+            for slot, at in list(restart_at.items()):
+                if self.signals:
+                    restart_at.clear()
+                elif time.monotonic() >= at:
+                    del restart_at[slot]
+                    self._spawn(slot, failures=self._last_failures.get(slot, 0))
+            if self.stop_deadline is not None and time.monotonic() > self.stop_deadline:
+                for child in self.children.values():
+                    log.error(
+                        "worker process %d did not exit in time; killing it",
+                        child.process.pid,
+                        extra={"event": "process_killed"},
+                    )
+                    _kill_group(child.process.pid)
+                self.stop_deadline = None
+            time.sleep(0.05)
+        log.info("all worker processes exited", extra={"event": "supervisor_stopped"})
+        return 0
+
+    def _restart_delay(self, child: Child, code: int) -> float:
+        healthy = time.monotonic() - child.started > HEALTHY_RUN or code == EXIT_RECYCLE
+        failures = 0 if healthy else child.failures + 1
+        self._last_failures[child.slot] = failures
+        return 0.0 if failures == 0 else min(RESTART_BACKOFF_CAP, 0.5 * 2 ** (failures - 1))
+
+    def _reap(self, child: Child, code: int) -> None:
+        # Whatever the handler started (threads die with the process; child processes do not)
+        # lives in the worker's process group.
+        _kill_group(child.process.pid)
+        if code == 0 and self.signals:
+            return
+        if code == EXIT_RECYCLE:
+            log.warning(
+                "worker process %d recycled after a stuck handler",
+                child.process.pid,
+                extra={"event": "process_recycled"},
+            )
+        elif code < 0:
+            log.error(
+                "worker process %d killed by %s; its jobs return when their leases expire",
+                child.process.pid,
+                signal.Signals(-code).name,
+                extra={"event": "process_died"},
+            )
+        else:
+            log.error(
+                "worker process %d exited with %d",
+                child.process.pid,
+                code,
+                extra={"event": "process_died"},
+            )
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def child_argv(extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "conveyor", "worker-process", *extra]

@@ -1,0 +1,412 @@
+"""One worker process: claim, run, report, heartbeat, recover, drain.
+
+The process runs an asyncio loop with a few long-lived tasks: the claimer leases jobs in
+batches while slots are free and otherwise blocks on the queue's wake-up lists; every job runs
+in its own task; the reporter sends acks and failures in batches; the heartbeat extends the
+leases of running jobs; the sweeper recovers expired leases of any worker. SIGTERM starts a
+drain: claiming stops at once, running jobs get ``grace`` seconds, the rest are handed back
+with their attempt refunded. A sync handler that outlives its timeout cannot be stopped inside
+the process, so the process exits with ``EXIT_RECYCLE`` and the supervisor replaces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import cast
+
+import redis.asyncio
+
+from conveyor import metrics
+from conveyor.config import WorkerSettings
+from conveyor.errors import BackendUnavailable, ConveyorError
+from conveyor.execution import LEASE_LOST, SHUTDOWN, TIMEOUT, Poison, failure_of, prepare
+from conveyor.job import Job
+from conveyor.keys import PRIORITY_CLASSES, Keyspace
+from conveyor.leases import Claimed, Failure, LeaseClient
+from conveyor.registry import Registry
+from conveyor.reporting import Reporter
+from conveyor.workers import WorkerRecord
+
+log = logging.getLogger(__name__)
+
+EXIT_RECYCLE = 75
+"""Exit code asking the supervisor for a fresh process (a sync handler could not be stopped)."""
+
+
+@dataclass(eq=False)
+class Running:
+    claimed: Claimed
+    started: float
+    task: asyncio.Task[None] | None = None
+    thread: Future[None] | None = None
+    stop_reason: str | None = None
+    labels: tuple[str, str] = ("", "")
+
+
+@dataclass
+class _Backoff:
+    """Reconnect pacing: exponential with full jitter, so a Redis outage costs no CPU."""
+
+    base: float = 0.1
+    cap: float = 5.0
+    failures: int = field(default=0)
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        return random.uniform(0, min(self.cap, self.base * 2**self.failures))
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, registry: Registry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.keys = Keyspace(settings.queue)
+        self.identity = f"{settings.identity}"
+        self.redis = redis.asyncio.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            socket_keepalive=True,
+            health_check_interval=30,
+        )
+        # Blocking waits get their own connection: cancelling one on shutdown drops that
+        # connection, which must not be a connection the reporter is using.
+        self.blocking = redis.asyncio.Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=5,
+            socket_keepalive=True,
+            socket_timeout=settings.sweep_interval + 10,
+        )
+        self.leases = LeaseClient(self.redis, self.keys)
+        self.reporter = Reporter(self.leases)
+        self.record = WorkerRecord(self.redis, self.keys, self.identity, settings)
+        self.running: dict[str, Running] = {}
+        self.draining = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self.slot_free = asyncio.Event()
+        self.exit_code = 0
+        self.threads = ThreadPoolExecutor(settings.concurrency * 2, "conveyor-job")
+        self._claims = 0
+        self._ttl_ms = round(settings.lease_ttl * 1000)
+        self._wake_keys = [self.keys.wake(c) for c in settings.classes]
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        metrics.SLOTS_TOTAL.set(self.settings.concurrency)
+        log.info(
+            "worker %s started: queue=%s classes=%s concurrency=%d",
+            self.identity,
+            self.settings.queue,
+            ",".join(self.settings.classes),
+            self.settings.concurrency,
+            extra={"event": "worker_started"},
+        )
+        background = [
+            asyncio.create_task(self.reporter.run(), name="reporter"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._sweep_loop(), name="sweeper"),
+        ]
+        claimer = asyncio.create_task(self._claim_loop(), name="claimer")
+        await self.draining.wait()
+        claimer.cancel()
+        await asyncio.gather(claimer, return_exceptions=True)
+        await self._drain()
+        for t in background:
+            t.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await self.record.remove()
+        await self.redis.aclose()
+        await self.blocking.aclose()
+        log.info("worker %s stopped", self.identity, extra={"event": "worker_stopped"})
+        return self.exit_code
+
+    def stop(self) -> None:
+        """First call: drain. Second call: hand back everything now."""
+        if self.draining.is_set():
+            log.warning(
+                "second stop signal: handing back running jobs now",
+                extra={"event": "drain_hurried"},
+            )
+            self.hurry.set()
+            return
+        log.info(
+            "drain started: %d running, grace %.1fs",
+            len(self.running),
+            self.settings.grace,
+            extra={"event": "drain_started"},
+        )
+        metrics.DRAINING.set(1)
+        self.draining.set()
+
+    async def _drain(self) -> None:
+        pending = {r.task for r in self.running.values() if r.task is not None}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.grace
+        hurry = asyncio.create_task(self.hurry.wait())
+        while pending and not self.hurry.is_set() and loop.time() < deadline:
+            await asyncio.wait(
+                {*pending, hurry},
+                timeout=deadline - loop.time(),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            pending = {t for t in pending if not t.done()}
+        hurry.cancel()
+        leftover = list(self.running.values())
+        for r in leftover:
+            self._interrupt(r, SHUTDOWN)
+        await asyncio.gather(*(r.task for r in leftover if r.task), return_exceptions=True)
+        if leftover:
+            self.reporter.hand_back([(r.claimed.id, r.claimed.token) for r in leftover])
+            log.info(
+                "handed back %d unfinished jobs",
+                len(leftover),
+                extra={"event": "drain_handed_back"},
+            )
+        await self.reporter.close(within=max(5.0, self.settings.grace))
+
+    # -- claiming ------------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        backoff = _Backoff()
+        prefix = f"{self.identity}/"
+        while not self.draining.is_set():
+            free = self.settings.concurrency - len(self.running)
+            if free <= 0:
+                self.slot_free.clear()
+                await self.slot_free.wait()
+                continue
+            wanted = min(free, self.settings.claim_batch)
+            self._claims += 1
+            try:
+                result = await self.leases.claim(
+                    wanted, self._ttl_ms, f"{prefix}{self._claims}", self.settings.classes
+                )
+            except BackendUnavailable as exc:
+                await self._pause_for_redis(backoff, exc)
+                continue
+            if backoff.failures:
+                log.warning(
+                    "Redis reachable again after %d failed claims",
+                    backoff.failures,
+                    extra={"event": "redis_reconnected"},
+                )
+                metrics.REDIS_RECONNECTS.inc()
+                backoff.failures = 0
+            for claimed in result.jobs:
+                self._start(claimed, result.now_ms)
+            if len(result.jobs) < wanted:
+                await self._wait_for_work(result.now_ms, result.next_ms)
+
+    async def _pause_for_redis(self, backoff: _Backoff, exc: BaseException) -> None:
+        if backoff.failures == 0:
+            log.warning(
+                "Redis unreachable, retrying with backoff: %s",
+                exc,
+                extra={"event": "redis_unreachable"},
+            )
+        await asyncio.sleep(backoff.next_delay())
+
+    async def _wait_for_work(self, now_ms: int, next_ms: int) -> None:
+        timeout = self.settings.sweep_interval
+        if next_ms >= 0:
+            timeout = min(timeout, max(0.001, (next_ms - now_ms) / 1000))
+        try:
+            await self.blocking.blpop(self._wake_keys, timeout=timeout)
+        except (ConnectionError, OSError, redis.RedisError) as exc:
+            log.debug("wake-up wait failed: %s", exc)
+            await asyncio.sleep(min(timeout, 1.0))
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _start(self, claimed: Claimed, now_ms: int) -> None:
+        running = Running(claimed, time.monotonic())
+        self.running[claimed.id] = running
+        running.task = asyncio.create_task(self._execute(running, now_ms))
+
+    def _interrupt(self, running: Running, reason: str) -> None:
+        if running.stop_reason is None:
+            running.stop_reason = reason
+            if running.task is not None and not running.task.done():
+                running.task.cancel(reason)
+
+    async def _execute(self, running: Running, now_ms: int) -> None:
+        claimed = running.claimed
+        try:
+            try:
+                prepared = prepare(claimed, self.registry)
+            except Poison as poison:
+                self._poisoned(claimed, poison)
+                return
+            labels = (claimed.type or "", claimed.priority)
+            running.labels = labels
+            metrics.JOBS_STARTED.labels(*labels).inc()
+            if claimed.queued_ms:
+                metrics.QUEUE_WAIT.labels(*labels).observe(
+                    max(0, now_ms - claimed.queued_ms) / 1000
+                )
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(prepared.job.timeout, self._interrupt, running, TIMEOUT)
+            metrics.SLOTS_BUSY.inc()
+            try:
+                if prepared.task.is_async:
+                    await prepared.task.handler(prepared.job)  # type: ignore[misc]
+                else:
+                    handler = cast(Callable[[Job], None], prepared.task.handler)
+                    running.thread = self.threads.submit(handler, prepared.job)
+                    await asyncio.wrap_future(running.thread)
+            except asyncio.CancelledError:
+                if running.stop_reason == TIMEOUT:
+                    self._timed_out(running)
+                elif running.stop_reason is None:
+                    raise
+            except Exception as exc:  # noqa: BLE001 - any handler error is the job's failure
+                self._failed(running, failure_of(claimed, prepared.task, exc))
+            else:
+                if running.stop_reason is None:
+                    runtime = time.monotonic() - running.started
+                    metrics.RUN_TIME.labels(*labels).observe(runtime)
+                    self.reporter.ack(claimed.id, claimed.token, round(runtime * 1000), labels)
+                    log.debug("job %s done in %.3fs", claimed.id, runtime)
+            finally:
+                timer.cancel()
+                metrics.SLOTS_BUSY.dec()
+        finally:
+            if running.stop_reason != SHUTDOWN:
+                del self.running[claimed.id]
+                self.slot_free.set()
+
+    def _poisoned(self, claimed: Claimed, poison: Poison) -> None:
+        log.error(
+            "job %s (%s) dead-lettered as %s: %s",
+            claimed.id,
+            claimed.type,
+            poison.reason,
+            poison,
+            extra={"event": "job_poison", "job_id": claimed.id},
+        )
+        metrics.JOBS_POISON.labels(poison.reason).inc()
+        self.reporter.fail(
+            Failure(claimed.id, claimed.token, poison.reason, str(poison), permanent=True),
+            (claimed.type or "", claimed.priority),
+        )
+
+    def _failed(self, running: Running, failure: Failure) -> None:
+        log.info(
+            "job %s (%s) attempt %d failed: %s",
+            running.claimed.id,
+            running.claimed.type,
+            running.claimed.attempt,
+            failure.message.strip().splitlines()[-1][:200],
+            extra={"event": "job_failed", "job_id": running.claimed.id},
+        )
+        self.reporter.fail(failure, running.labels)
+
+    def _timed_out(self, running: Running) -> None:
+        claimed = running.claimed
+        log.warning(
+            "job %s (%s) timed out after %.1fs",
+            claimed.id,
+            claimed.type,
+            claimed.timeout_ms / 1000,
+            extra={"event": "job_timeout", "job_id": claimed.id},
+        )
+        self.reporter.fail(
+            Failure(
+                claimed.id,
+                claimed.token,
+                "timeout",
+                f"attempt exceeded its {claimed.timeout_ms / 1000:g}s timeout",
+            ),
+            running.labels,
+        )
+        if running.thread is not None and not running.thread.done():
+            asyncio.get_running_loop().create_task(self._reap_thread(running))
+
+    async def _reap_thread(self, running: Running) -> None:
+        """Give a timed-out sync handler ``kill_grace`` seconds, then recycle the process."""
+        assert running.thread is not None
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(running.thread), self.settings.kill_grace)
+        except (TimeoutError, Exception):  # noqa: BLE001 - only whether it stopped matters
+            if not running.thread.done():
+                log.error(
+                    "sync handler of job %s ignores its timeout; recycling the process",
+                    running.claimed.id,
+                    extra={"event": "worker_recycle"},
+                )
+                self.exit_code = EXIT_RECYCLE
+                self.hurry.set()
+                self.stop()
+
+    # -- keeping leases and the queue healthy ----------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            leases = [
+                (r.claimed.id, r.claimed.token)
+                for r in self.running.values()
+                if r.stop_reason is None
+            ]
+            try:
+                if leases:
+                    for job_id in await self.leases.extend(leases, self._ttl_ms):
+                        self._lease_lost(job_id)
+                await self.record.beat(
+                    len(self.running), self.draining.is_set(), list(self.running)
+                )
+            except ConveyorError as exc:
+                log.warning("heartbeat failed: %s", exc, extra={"event": "heartbeat_failed"})
+
+    def _lease_lost(self, job_id: str) -> None:
+        running = self.running.get(job_id)
+        if running is None:
+            return
+        log.warning(
+            "lease of job %s lost (expired and recovered elsewhere); abandoning run",
+            job_id,
+            extra={"event": "lease_lost", "job_id": job_id},
+        )
+        metrics.LEASES_LOST.labels(*running.labels).inc()
+        self._interrupt(running, LEASE_LOST)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval * random.uniform(0.8, 1.2))
+            try:
+                recovered, _ = await self.leases.recover(PRIORITY_CLASSES)
+            except ConveyorError as exc:
+                log.debug("sweep failed: %s", exc)
+                continue
+            if recovered:
+                metrics.JOBS_RECOVERED.inc(recovered)
+                log.warning(
+                    "recovered %d expired leases", recovered, extra={"event": "leases_recovered"}
+                )
+
+
+def run_worker(settings: WorkerSettings, registry: Registry) -> int:
+    """Run one worker process to completion; returns its exit code."""
+    worker = Worker(settings, registry)
+    try:
+        return asyncio.run(worker.run())
+    finally:
+        worker.threads.shutdown(wait=False, cancel_futures=True)
+
+
+def exit_now(code: int) -> None:
+    """Leave without joining handler threads that ignored their timeout."""
+    logging.shutdown()
+    os._exit(code)
