@@ -1,0 +1,64 @@
+"""Marking idle worker pods cheaper to delete right before a scale-down (B28, K14).
+
+The ReplicaSet controller removes pods with the lowest ``pod-deletion-cost`` first. Costs come
+from the workers' own heartbeats in Redis: idle pods get 0, busy pods a high cost. They are
+written only just before lowering replicas (the KEP advises against frequent updates), and the
+scale write waits until the annotations are visible plus a settle delay, because the ReplicaSet
+controller ranks pods from its informer cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from conveyor_operator.backlog import BacklogReader, BacklogUnavailable, RedisTarget
+from conveyor_operator.kube import Kube
+from conveyor_operator.manifests import DELETION_COST
+
+log = logging.getLogger(__name__)
+BUSY_COST = 1_000_000
+SETTLE_SECONDS = 1.0
+
+
+async def annotate_for_scale_down(
+    kube: Kube, reader: BacklogReader, target: RedisTarget, namespace: str, dep: Any
+) -> None:
+    selector = ",".join(f"{k}={v}" for k, v in dep.spec.selector.match_labels.items())
+    try:
+        busy = await reader.workers(target)
+    except BacklogUnavailable as exc:
+        log.warning("no worker heartbeats for deletion costs (%s); scaling down unranked", exc)
+        return
+    pods = await asyncio.to_thread(
+        kube.core.list_namespaced_pod, namespace, label_selector=selector
+    )
+    wrote = False
+    for pod in pods.items:
+        slots, _ = busy.get(pod.metadata.name, (0, ""))
+        cost = str(BUSY_COST + slots if slots else 0)
+        if (pod.metadata.annotations or {}).get(DELETION_COST) == cost:
+            continue
+        try:
+            await asyncio.to_thread(
+                kube.core.patch_namespaced_pod,
+                pod.metadata.name,
+                namespace,
+                {"metadata": {"annotations": {DELETION_COST: cost}}},
+            )
+            wrote = True
+        except ApiException as exc:
+            if exc.status == 403:
+                log.warning(
+                    "not allowed to annotate pods (%s); scaling down unranked",
+                    exc.reason,
+                    extra={"event": "deletion_cost_forbidden"},
+                )
+                return
+            if exc.status != 404:
+                raise
+    if wrote:
+        await asyncio.sleep(SETTLE_SECONDS)

@@ -1,0 +1,192 @@
+"""Kopf handlers: keep each TaskQueue's worker Deployments and Service as its spec says.
+
+No handler here needs a finalizer: there is no deletion handler, timer or daemon on TaskQueues.
+Children carry an owner reference (``kopf.adopt``), so the garbage collector removes them when
+the TaskQueue goes, with or without a running operator (K01, K11).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, cast
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from conveyor.keys import PRIORITY_CLASSES
+from conveyor_operator import conditions, manifests
+from conveyor_operator.metrics import RECONCILES
+from conveyor_operator.runtime import runtime
+from conveyor_operator.spec import GROUP, PLURAL, VERSION, TaskQueueSpec, parse
+
+log = logging.getLogger(__name__)
+RETRY_CAP = 30.0
+WATCH_TIMEOUT = 60.0
+"""Set from the operator's settings before Kopf starts."""
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Kopf's defaults wait forever on a silently dead watch (K03): bound every watch request.
+    settings.watching.server_timeout = round(WATCH_TIMEOUT)
+    settings.watching.client_timeout = round(WATCH_TIMEOUT + 10)
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 30
+    # Handler progress lives in annotations of the TaskQueue, never in a status Kopf could lose
+    # to pruning, and never on Deployments or Pods.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="conveyor.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="conveyor.dev", key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = 4
+
+
+def _template_mismatch(live: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Fields of a live Deployment (as a dict) that differ from what the TaskQueue asks for."""
+    pod = wanted["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    live_pod = live.get("spec", {}).get("template", {}).get("spec", {})
+    live_container = (live_pod.get("containers") or [{}])[0]
+    drift = []
+    for key in ("image", "command"):
+        if live_container.get(key) != container[key]:
+            drift.append(key)
+    if live_pod.get("terminationGracePeriodSeconds") != pod["terminationGracePeriodSeconds"]:
+        drift.append("terminationGracePeriodSeconds")
+    return drift
+
+
+def ensure_children(body: dict[str, Any], spec: TaskQueueSpec, *, initial: int = 0) -> list[str]:
+    """Create missing children and repair drifted ones; returns what changed."""
+    kube = runtime().kube
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    changed = []
+    for cls in spec.classes:
+        wanted = manifests.deployment(name, spec, cls)
+        kopf.adopt(wanted, owner=cast(kopf.Body, body))
+        dep_name = wanted["metadata"]["name"]
+        try:
+            live = kube.apps.read_namespaced_deployment(dep_name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            wanted["spec"]["replicas"] = max(initial, cls.policy.min_replicas)
+            kube.apps.create_namespaced_deployment(namespace, wanted)
+            changed.append(f"created {dep_name}")
+            continue
+        drift = _template_mismatch(kube.api.sanitize_for_serialization(live), wanted)
+        if drift:
+            # A strategic merge patch without `replicas`: the scale belongs to the autoscaler.
+            kube.apps.patch_namespaced_deployment(dep_name, namespace, wanted)
+            changed.append(f"updated {dep_name} ({', '.join(drift)})")
+        owners = [o.uid for o in live.metadata.owner_references or []]
+        if owners != [meta["uid"]]:
+            # A JSON patch replaces the list: a merge would keep a dead owner's reference.
+            refs = wanted["metadata"]["ownerReferences"]
+            kube.apps.patch_namespaced_deployment(
+                dep_name,
+                namespace,
+                [
+                    {
+                        "op": "replace" if owners else "add",
+                        "path": "/metadata/ownerReferences",
+                        "value": refs,
+                    }
+                ],
+            )
+            changed.append(f"adopted {dep_name}")
+    svc = manifests.service(name, spec)
+    kopf.adopt(svc, owner=cast(kopf.Body, body))
+    try:
+        kube.core.read_namespaced_service(svc["metadata"]["name"], namespace)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        kube.core.create_namespaced_service(namespace, svc)
+        changed.append(f"created {svc['metadata']['name']}")
+    return changed
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+async def reconcile(body: kopf.Body, retry: int, **_: Any) -> None:
+    state = runtime()
+    owner = dict(body)
+    spec = parse(owner.get("spec", {}))
+    meta = owner["metadata"]
+    secret = await asyncio.to_thread(state.kube.read_secret, meta["namespace"], spec.secret_name)
+    if secret is None:
+        message = f"Secret {spec.secret_name!r} not found in {meta['namespace']}"
+        await asyncio.to_thread(
+            state.kube.event, owner, "SecretNotFound", message, warning=True, aggregate=True
+        )
+        await asyncio.to_thread(
+            state.kube.patch_status,
+            meta["namespace"],
+            meta["name"],
+            {
+                "conditions": conditions.merge(
+                    [], conditions.ready(False, "SecretNotFound", message)
+                )
+            },
+        )
+        RECONCILES.labels("waiting").inc()
+        raise kopf.TemporaryError(message, delay=min(RETRY_CAP, 2.0 * 2**retry))
+    state.kube.end_series(meta["namespace"], meta["name"], "SecretNotFound")
+    changed = await asyncio.to_thread(ensure_children, owner, spec)
+    state.scaler.track(owner)
+    RECONCILES.labels("ok").inc()
+    if changed:
+        log.info(
+            "%s/%s reconciled: %s",
+            meta["namespace"],
+            meta["name"],
+            "; ".join(changed),
+            extra={"event": "reconciled", "taskqueue": meta["name"]},
+        )
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def track(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """Keeps the scaler's view of TaskQueues current, without storing any handler state."""
+    scaler = runtime().scaler
+    if event.get("type") == "DELETED":
+        scaler.forget(body["metadata"]["namespace"], body["metadata"]["name"])
+    elif body.get("metadata", {}).get("deletionTimestamp") is None:
+        scaler.track(dict(body))
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={manifests.LABEL_TASKQUEUE: kopf.PRESENT})
+async def repair(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """Restores a worker Deployment deleted or edited by hand (drift correction)."""
+    state = runtime()
+    meta = body["metadata"]
+    owner_name = meta.get("labels", {}).get(manifests.LABEL_TASKQUEUE)
+    known = state.scaler.known.get((meta["namespace"], owner_name or ""))
+    if known is None or event.get("type") not in ("DELETED", "MODIFIED"):
+        return
+    if event["type"] == "MODIFIED":
+        cls = known.spec.cls(meta.get("labels", {}).get(manifests.LABEL_CLASS, "normal"))
+        wanted = manifests.deployment(owner_name or "", known.spec, cls)
+        if not _template_mismatch(dict(body), wanted):
+            return
+    current = {p: known.written.get(p, 0) for p in PRIORITY_CLASSES}
+    changed = await asyncio.to_thread(
+        ensure_children,
+        known.body,
+        known.spec,
+        initial=current.get(meta.get("labels", {}).get(manifests.LABEL_CLASS, ""), 0),
+    )
+    if changed:
+        log.warning(
+            "%s/%s repaired drift: %s",
+            meta["namespace"],
+            owner_name,
+            "; ".join(changed),
+            extra={"event": "drift_repaired", "taskqueue": owner_name},
+        )
+        await asyncio.to_thread(state.kube.event, known.body, "DriftRepaired", "; ".join(changed))

@@ -1,0 +1,132 @@
+"""The Kubernetes calls the operator makes, each written to avoid a known failure.
+
+- Replicas go through the ``scale`` subresource as a merge patch without a resourceVersion, so
+  a concurrent edit of the Deployment never turns into a 409 loop or a lost update (K08).
+- Status goes through the ``status`` subresource (a patch of the main object would be dropped).
+- Repeated events are aggregated into one Event whose ``series.count`` grows, instead of a new
+  object per poll (K02, K06).
+The client is synchronous; callers run these in a thread (``asyncio.to_thread``).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from conveyor_operator.spec import GROUP, KIND, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+CONTROLLER = "conveyor-operator"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Kube:
+    api: client.ApiClient
+    instance: str = field(default_factory=socket.gethostname)
+    _events: dict[tuple[str, str, str], tuple[str, int]] = field(default_factory=dict)
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api)
+
+    @property
+    def apps(self) -> client.AppsV1Api:
+        return client.AppsV1Api(self.api)
+
+    @property
+    def custom(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.api)
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+
+    def deployments(self, namespace: str, taskqueue: str) -> dict[str, Any]:
+        """The TaskQueue's worker Deployments by name (label selector, one LIST)."""
+        items = self.apps.list_namespaced_deployment(
+            namespace, label_selector=f"conveyor.dev/taskqueue={taskqueue}"
+        ).items
+        return {d.metadata.name: d for d in items}
+
+    def scale(self, namespace: str, deployment: str, replicas: int) -> None:
+        self.apps.patch_namespaced_deployment_scale(
+            deployment, namespace, {"spec": {"replicas": replicas}}
+        )
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": status}
+        )
+
+    def event(
+        self,
+        owner: dict[str, Any],
+        reason: str,
+        message: str,
+        *,
+        warning: bool = False,
+        aggregate: bool = False,
+    ) -> None:
+        """Post an Event about ``owner``; with ``aggregate``, a repeat bumps ``series.count``."""
+        meta = owner["metadata"]
+        namespace, key = meta["namespace"], (meta["namespace"], meta["name"], reason)
+        events = client.EventsV1Api(self.api)
+        stamp = now()
+        try:
+            if aggregate and key in self._events:
+                name, count = self._events[key]
+                events.patch_namespaced_event(
+                    name,
+                    namespace,
+                    {
+                        "series": {"count": count + 1, "lastObservedTime": stamp.isoformat()},
+                        "note": message[:1024],
+                    },
+                )
+                self._events[key] = (name, count + 1)
+                return
+            body = client.EventsV1Event(
+                metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=namespace),
+                event_time=stamp,
+                reporting_controller=CONTROLLER,
+                reporting_instance=self.instance,
+                action="Scale" if reason.startswith("Scaled") else "Reconcile",
+                reason=reason,
+                note=message[:1024],
+                type="Warning" if warning else "Normal",
+                regarding=client.V1ObjectReference(
+                    api_version=f"{GROUP}/{VERSION}",
+                    kind=KIND,
+                    name=meta["name"],
+                    namespace=namespace,
+                    uid=meta.get("uid"),
+                ),
+            )
+            created = events.create_namespaced_event(namespace, body)
+            if aggregate:
+                self._events[key] = (created.metadata.name, 1)
+        except ApiException as exc:
+            # An event is information; failing to post one must not stop scaling.
+            log.warning(
+                "cannot post event %s: %s", reason, exc.reason, extra={"event": "event_failed"}
+            )
+
+    def end_series(self, namespace: str, name: str, reason: str) -> None:
+        """The condition behind an aggregated event is over: the next one starts a new Event."""
+        self._events.pop((namespace, name, reason), None)
