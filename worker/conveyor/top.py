@@ -1,0 +1,103 @@
+"""``conveyor top``: the queue's live numbers in a terminal, for people on a jump host.
+
+It refreshes from Redis only (stats script, worker heartbeats, dead-letter index), so it works
+wherever the CLI can reach Redis and needs neither PostgreSQL nor the dashboard.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from rich.console import Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+
+from conveyor.errors import ConveyorError
+from conveyor.queue import ClassStats, Queue
+from conveyor.workers import WorkerInfo, list_workers
+
+SPARK = " ▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[int]) -> str:
+    top = max(values, default=0)
+    if top == 0:
+        return SPARK[0] * len(values)
+    return "".join(SPARK[round(v / top * (len(SPARK) - 1))] for v in values)
+
+
+@dataclass
+class TopView:
+    queue: Queue
+    history: dict[str, deque[int]] = field(default_factory=dict)
+    error: str = ""
+
+    def render(self) -> Group:
+        try:
+            rows = self.queue.stats()
+            workers = list_workers(self.queue.client, self.queue.keys)
+            self.error = ""
+        except ConveyorError as exc:
+            self.error = str(exc)
+            return Group(Panel(f"[red]Redis unreachable:[/red] {self.error}", title="conveyor top"))
+        return Group(self._classes(rows), self._workers(workers))
+
+    def _classes(self, rows: list[ClassStats]) -> Table:
+        table = Table(title=f"queue {self.queue.keys.queue} — {time.strftime('%H:%M:%S')}")
+        for column in (
+            "class",
+            "ready",
+            "due",
+            "future",
+            "in flight",
+            "dead",
+            "oldest",
+            "limited",
+            "backlog (last 60 s)",
+        ):
+            table.add_column(column, justify="left" if column == "class" else "right")
+        for row in rows:
+            trend = self.history.setdefault(row.priority, deque(maxlen=60))
+            trend.append(row.backlog)
+            age = "-" if row.oldest_ready_age is None else f"{row.oldest_ready_age:.1f}s"
+            table.add_row(
+                row.priority,
+                str(row.ready),
+                str(row.due_delayed),
+                str(row.future_delayed),
+                str(row.in_flight),
+                str(row.dead),
+                age,
+                str(row.limited_groups),
+                sparkline(list(trend)),
+            )
+        return table
+
+    @staticmethod
+    def _workers(workers: list[WorkerInfo]) -> Table:
+        table = Table(title=f"{len(workers)} workers")
+        for column in ("worker", "pod", "classes", "busy", "draining", "running"):
+            table.add_column(column)
+        for w in workers:
+            table.add_row(
+                w.identity,
+                w.pod or "-",
+                ",".join(w.classes),
+                f"{w.busy}/{w.concurrency}",
+                "yes" if w.draining else "",
+                ", ".join(w.jobs[:3]) + (" …" if len(w.jobs) > 3 else ""),
+            )
+        return table
+
+
+def run(queue: Queue, interval: float = 1.0, iterations: int | None = None) -> None:
+    view = TopView(queue)
+    with Live(view.render(), refresh_per_second=4, screen=iterations is None) as live:
+        count = 0
+        while iterations is None or count < iterations:
+            time.sleep(interval)
+            live.update(view.render())
+            count += 1
