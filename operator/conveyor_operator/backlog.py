@@ -63,7 +63,7 @@ class BacklogReader:
     def __init__(self) -> None:
         self._clients: dict[RedisTarget, redis.asyncio.Redis] = {}
 
-    def _client(self, target: RedisTarget) -> redis.asyncio.Redis:
+    def client(self, target: RedisTarget) -> redis.asyncio.Redis:
         client = self._clients.get(target)
         if client is None:
             url = target.url
@@ -80,7 +80,7 @@ class BacklogReader:
         return client
 
     async def read(self, target: RedisTarget) -> dict[str, ClassStats]:
-        client = self._client(target)
+        client = self.client(target)
         keys = Keyspace(target.queue).script_keys
         try:
             async with asyncio.timeout(PROBE_TIMEOUT * 2):
@@ -100,7 +100,7 @@ class BacklogReader:
 
     async def workers(self, target: RedisTarget) -> dict[str, tuple[int, str]]:
         """Pod name → (busy slots, oldest running job id) from live worker heartbeats."""
-        client = self._client(target)
+        client = self.client(target)
         keys = Keyspace(target.queue)
         ids = [i.decode() for i in cast(list[bytes], await client.zrange(keys.workers, 0, -1))]
         pods: dict[str, tuple[int, str]] = {}

@@ -40,6 +40,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix="conveyor.dev", key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING
+    # Kopf logs every successful handler call at INFO; on busy Deployments that would bury the
+    # operator's own decisions.
+    logging.getLogger("kopf.objects").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
     settings.execution.max_workers = 4
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import logging
 import socket
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -102,7 +103,10 @@ class Kube:
                 self._events[key] = (name, count + 1)
                 return
             body = client.EventsV1Event(
-                metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=namespace),
+                # Event names must be complete DNS subdomains, so no trailing-dot generateName.
+                metadata=client.V1ObjectMeta(
+                    name=f"{meta['name']}.{uuid.uuid4().hex[:12]}", namespace=namespace
+                ),
                 event_time=stamp,
                 reporting_controller=CONTROLLER,
                 reporting_instance=self.instance,
@@ -124,7 +128,11 @@ class Kube:
         except ApiException as exc:
             # An event is information; failing to post one must not stop scaling.
             log.warning(
-                "cannot post event %s: %s", reason, exc.reason, extra={"event": "event_failed"}
+                "cannot post event %s: %s %s",
+                reason,
+                exc.reason,
+                exc.body,
+                extra={"event": "event_failed"},
             )
 
     def end_series(self, namespace: str, name: str, reason: str) -> None:

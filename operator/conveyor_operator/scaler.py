@@ -14,10 +14,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from conveyor.keys import PRIORITY_CLASSES
+from redis.typing import EncodableT, FieldT
+
+from conveyor.errors import ConfigError
+from conveyor.keys import PRIORITY_CLASSES, Keyspace
 from conveyor.queue import ClassStats
+from conveyor.schedule import Scheduler
 from conveyor_operator import conditions
 from conveyor_operator.autoscale import Backlog, Decision, Recommendations, decide
 from conveyor_operator.backlog import BacklogReader, BacklogUnavailable, RedisTarget
@@ -25,7 +29,7 @@ from conveyor_operator.deletion_cost import annotate_for_scale_down
 from conveyor_operator.kube import Kube, now
 from conveyor_operator.manifests import deployment_name
 from conveyor_operator.metrics import LAST_POLL, POLL_ERRORS, SCALE_WRITES
-from conveyor_operator.spec import TaskQueueSpec, parse
+from conveyor_operator.spec import TaskQueueSpec, parse, rate_limits, schedules_of
 
 log = logging.getLogger(__name__)
 SECRET_BACKOFF_CAP = 30.0
@@ -45,6 +49,8 @@ class Known:
     class_status: dict[str, dict[str, Any]] = field(default_factory=dict)
     secret_failures: int = 0
     outage: str | None = None
+    applied_limits: dict[str, str] = field(default_factory=dict)
+    scheduler: Scheduler | None = None
 
 
 class Scaler:
@@ -61,6 +67,8 @@ class Scaler:
         if entry is None or entry.body["metadata"].get("uid") != body["metadata"].get("uid"):
             self.known[key] = Known(body, spec)
         else:
+            if spec.schedules != entry.spec.schedules:
+                entry.scheduler = None
             entry.body, entry.spec = body, spec
 
     def forget(self, namespace: str, name: str) -> None:
@@ -104,6 +112,7 @@ class Scaler:
             )
             self.kube.end_series(namespace, name, "RedisUnreachable")
             entry.outage = None
+        await self._sync_queue(entry, target)
         deployments = await asyncio.to_thread(self.kube.deployments, namespace, name)
         for priority in PRIORITY_CLASSES:
             dep = deployments.get(deployment_name(name, priority))
@@ -133,6 +142,37 @@ class Scaler:
         if spec.password_key and spec.password_key in secret:
             password = secret[spec.password_key].decode()
         return RedisTarget(secret[spec.url_key].decode(), password, spec.tls, spec.queue)
+
+    async def _sync_queue(self, entry: Known, target: RedisTarget) -> None:
+        """Apply the spec's rate limits and run its recurring schedules from here, so that both
+        work even when every class of the TaskQueue is scaled to zero."""
+        client = self.reader.client(target)
+        keys = Keyspace(target.queue)
+        wanted = rate_limits(entry.spec)
+        if wanted != entry.applied_limits:
+            async with client.pipeline(transaction=True) as pipe:
+                stale = set(entry.applied_limits) - set(wanted)
+                if stale:
+                    pipe.hdel(keys.limits, *stale)
+                if wanted:
+                    pipe.hset(keys.limits, mapping=cast(dict[FieldT, EncodableT], wanted))
+                await pipe.execute()
+            entry.applied_limits = wanted
+        if entry.spec.schedules:
+            if entry.scheduler is None:
+                try:
+                    entry.scheduler = Scheduler(client, keys, schedules_of(entry.spec))
+                except ConfigError as exc:
+                    await asyncio.to_thread(
+                        self.kube.event,
+                        entry.body,
+                        "InvalidSchedule",
+                        str(exc),
+                        warning=True,
+                        aggregate=True,
+                    )
+                    return
+            await entry.scheduler.run_once()
 
     async def _redis_down(self, entry: Known, reason: str, message: str) -> None:
         meta = entry.body["metadata"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor.keys import PRIORITY_CLASSES
+from conveyor.schedule import Schedule
 from conveyor_operator.autoscale import ScalingPolicy
 
 GROUP = "conveyor.dev"
@@ -111,3 +112,29 @@ def parse(spec: Mapping[str, Any]) -> TaskQueueSpec:
         rate_limits=spec.get("rateLimits", {}),
         schedules=tuple(spec.get("schedules", ())),
     )
+
+
+def rate_limits(spec: TaskQueueSpec) -> dict[str, str]:
+    """The spec's rate limits in the ``limits`` hash format (``<count>:<window ms>``)."""
+    out = {}
+    default = spec.rate_limits.get("default")
+    if default:
+        out["*"] = f"{int(default['count'])}:{round(float(default['perSeconds']) * 1000)}"
+    for group, limit in (spec.rate_limits.get("groups") or {}).items():
+        out[group] = f"{int(limit['count'])}:{round(float(limit['perSeconds']) * 1000)}"
+    return out
+
+
+def schedules_of(spec: TaskQueueSpec) -> list[Schedule]:
+    return [
+        Schedule(
+            name=s["name"],
+            cron=s["cron"],
+            job_type=s["jobType"],
+            timezone=s.get("timeZone", "UTC"),
+            payload=s.get("payload", {}),
+            priority=s.get("priority", "normal"),
+            catch_up=s.get("catchUp", "skip"),
+        )
+        for s in spec.schedules
+    ]
