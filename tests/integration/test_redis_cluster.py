@@ -17,14 +17,24 @@ from redis.cluster import RedisCluster
 
 from conveyor import scripts
 from conveyor.keys import PRIORITY_CLASSES
-from conveyor.local import RedisServer
+from conveyor.local import RedisServer, free_port
 from conveyor.queue import Queue
+
+
+def _cluster_port() -> int:
+    # A cluster node also listens on its port + 10000, so the port must stay below 55536.
+    while (port := free_port()) > 55535:
+        pass
+    return port
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RedisCluster]:
     nodes = [
-        RedisServer(extra_args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000"))
+        RedisServer(
+            port=_cluster_port(),
+            extra_args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000"),
+        )
         for _ in range(3)
     ]
     for node in nodes:
