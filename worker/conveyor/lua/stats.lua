@@ -16,7 +16,9 @@ for _, class in ipairs(ARGV) do
   for _, group in ipairs(groups) do
     local id = redis.call('LINDEX', K_GROUP .. class .. ':' .. group, 0)
     if id then
-      local qt = tonumber(redis.call('HGET', K_JOB .. id, 'qt'))
+      -- A job that never waited before has no 'qt' yet: it became ready when it was created.
+      local times = redis.call('HMGET', K_JOB .. id, 'qt', 'ct')
+      local qt = tonumber(times[1] or times[2])
       if qt and (oldest < 0 or qt < oldest) then
         oldest = qt
       end
