@@ -263,6 +263,46 @@ def stats(obj: _Context, /) -> None:
         console.print(f"paused groups: {', '.join(sorted(paused))}")
 
 
+@main.command()
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True)
+@pass_ctx
+def top(obj: _Context, /, interval: float) -> None:
+    """A live terminal view: backlog per class and what each worker runs (Ctrl-C quits)."""
+    import contextlib
+
+    from conveyor.top import run
+
+    with contextlib.suppress(KeyboardInterrupt):
+        run(obj.queue, interval)
+
+
+@main.command()
+@click.option("--host", envvar="CONVEYOR_DASHBOARD_HOST", show_envvar=True, default="127.0.0.1")
+@click.option("--port", envvar="CONVEYOR_DASHBOARD_PORT", show_envvar=True, default=8089)
+@click.option(
+    "--database-url",
+    envvar="DATABASE_URL",
+    show_envvar=True,
+    default="",
+    help="PostgreSQL holding the task history; without it job panels show Redis's record only.",
+)
+@pass_ctx
+def dashboard(obj: _Context, /, host: str, port: int, database_url: str) -> None:
+    """Serve the live web dashboard; log in with the token in CONVEYOR_DASHBOARD_TOKEN."""
+    from conveyor import logs
+    from conveyor.dashboard import DashboardSettings, serve
+
+    settings = DashboardSettings.from_env(
+        redis_url=obj.redis_url,
+        queue=obj.queue_name,
+        host=host,
+        port=port,
+        database_url=database_url,
+    )
+    logs.configure()
+    serve(settings)
+
+
 @main.group()
 def dlq() -> None:
     """Inspect, replay and purge dead letters."""
@@ -387,3 +427,170 @@ def pause(obj: _Context, /, group: str) -> None:
 def resume(obj: _Context, /, group: str) -> None:
     """Claim GROUP's jobs again."""
     obj.queue.resume_group(group)
+
+
+# -- the demo ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=10),
+    default=150.0,
+    show_default=True,
+    help="Seconds the hour is compressed to (traffic arrives over 80% of it; draining follows).",
+)
+@click.option(
+    "--scale",
+    type=click.FloatRange(min=0.01, max=10),
+    default=1.0,
+    show_default=True,
+    help="Multiplies every job count; 1.0 sends 3,000 welcome emails.",
+)
+@click.option(
+    "--database-url",
+    envvar="DATABASE_URL",
+    default=None,
+    show_envvar=True,
+    help="PostgreSQL to use; without it a private PostgreSQL is started.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    help="Also write the report as JSON to this file.",
+)
+@click.pass_context
+def demo(
+    ctx: click.Context,
+    duration: float,
+    scale: float,
+    database_url: str | None,
+    json_path: str | None,
+) -> None:
+    """Play a busy hour of a SaaS backend on real local services and report every job's fate.
+
+    Without REDIS_URL (or --redis-url) a private redis-server is started. Exits 1 if any job
+    is lost.
+    """
+    from pathlib import Path
+
+    from conveyor.demo.run import Options, run_demo
+
+    parent = ctx.find_root()
+    given = parent.get_parameter_source("redis_url") != click.core.ParameterSource.DEFAULT
+    options = Options(
+        redis_url=parent.obj.redis_url if given else None,
+        database_url=database_url or None,
+        duration=duration,
+        scale=scale,
+        json_path=Path(json_path) if json_path else None,
+    )
+    sys.exit(run_demo(console, options))
+
+
+# -- history and schedules -----------------------------------------------------------------------
+
+_database_url = click.option(
+    "--database-url",
+    envvar="DATABASE_URL",
+    show_envvar=True,
+    required=True,
+    help="PostgreSQL holding the task history.",
+)
+
+
+@main.command()
+@click.argument("job_id", required=False)
+@click.option("--summary", is_flag=True, help="Count jobs by type, class and state instead.")
+@click.option("--since", type=click.DateTime(), help="Summary start (UTC) [default: --until - 1d].")
+@click.option("--until", type=click.DateTime(), help="Summary end (UTC) [default: now].")
+@_database_url
+@pass_ctx
+def history(
+    obj: _Context,
+    /,
+    *,
+    job_id: str | None,
+    summary: bool,
+    since: datetime | None,
+    until: datetime | None,
+    database_url: str,
+) -> None:
+    """Every transition of JOB_ID, or (--summary) job counts over a time range."""
+    from datetime import timedelta
+
+    from conveyor.history import connect, job_history, state_counts
+
+    if summary == bool(job_id):
+        raise click.UsageError("give JOB_ID or --summary")
+    with connect(database_url) as conn:
+        if job_id:
+            events = job_history(conn, job_id, obj.queue_name)
+            if not events:
+                raise click.ClickException(f"no history of job {job_id} in {obj.queue_name}")
+            table = Table("time (UTC)", "event", "attempt", "worker", "detail", title=job_id)
+            for e in events:
+                at = e.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+                table.add_row(at, e.kind, str(e.attempt or ""), e.worker, e.detail)
+        else:
+            end = until.replace(tzinfo=UTC) if until else datetime.now(UTC)
+            start = since.replace(tzinfo=UTC) if since else end - timedelta(days=1)
+            title = f"{obj.queue_name}: {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
+            table = Table("type", "class", "state", "jobs", title=title)
+            for row in state_counts(conn, start, end, obj.queue_name):
+                table.add_row(row.job_type, row.priority, row.state, str(row.jobs))
+    console.print(table)
+
+
+@main.command("history-writer")
+@_database_url
+@pass_ctx
+def history_writer(obj: _Context, /, database_url: str) -> None:
+    """Copy the queue's events into PostgreSQL until SIGTERM (workers with DATABASE_URL set
+    do this themselves; run this where they do not)."""
+    import asyncio
+
+    from conveyor import logs
+    from conveyor.history.writer import run_standalone
+
+    settings = dataclasses.replace(
+        WorkerSettings.from_env(),
+        redis_url=obj.redis_url,
+        queue=obj.queue_name,
+        database_url=database_url,
+    )
+    logs.configure(settings.log_level, settings.log_format)
+    asyncio.run(run_standalone(settings))
+
+
+@main.group()
+def schedule() -> None:
+    """Recurring jobs (workers schedule them; see CONVEYOR_SCHEDULES)."""
+
+
+@schedule.command("list")
+@click.option(
+    "--file",
+    "path",
+    envvar="CONVEYOR_SCHEDULES",
+    show_envvar=True,
+    required=True,
+    help="YAML file of schedules.",
+)
+@pass_ctx
+def schedule_list(obj: _Context, /, path: str) -> None:
+    """Each schedule with its last settled tick and its next one."""
+    from conveyor.schedule import from_ms, load_schedules
+
+    schedules = load_schedules(path)
+    keys = [obj.queue.keys.schedule(s.name) for s in schedules]
+    lasts = obj.queue.client.mget(keys) if keys else []
+    now = datetime.now(UTC)
+    table = Table("name", "cron", "zone", "job type", "catch-up", "last tick", "next tick")
+    for s, last in zip(schedules, lasts, strict=True):
+        shown = from_ms(int(last)).astimezone(s.zone).isoformat() if last else "-"
+        table.add_row(
+            s.name, s.cron, s.timezone, s.job_type, s.catch_up, shown, s.next_tick(now).isoformat()
+        )
+    console.print(table)

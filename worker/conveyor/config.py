@@ -95,6 +95,14 @@ class WorkerSettings(_FromEnv):
         "PostgreSQL URL for task history; empty disables the history writer.",
         env="DATABASE_URL",
     )
+    history_batch: int = setting(500, "Most event stream entries stored per history transaction.")
+    history_claim_idle: float = setting(
+        60.0,
+        "Seconds a history batch may stay unacknowledged before another writer takes it over.",
+    )
+    schedules: str = setting(
+        "", "YAML file of recurring jobs to schedule; empty: only those declared in code."
+    )
     queue: str = setting("default", "Queue name (all its keys share one Redis hash tag).")
     classes: tuple[str, ...] = setting(
         PRIORITY_CLASSES, "Priority classes this worker claims, comma-separated."
@@ -126,7 +134,7 @@ class WorkerSettings(_FromEnv):
             raise ConfigError(
                 f"classes must be among {', '.join(PRIORITY_CLASSES)}, got {', '.join(unknown)}"
             )
-        for name in ("concurrency", "processes", "claim_batch"):
+        for name in ("concurrency", "processes", "claim_batch", "history_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.lease_ttl <= 0 or self.grace < 0 or self.sweep_interval <= 0:

@@ -78,6 +78,8 @@ def describe(exc: BaseException) -> str:
         text = "".join(traceback.format_exception(exc))
     except Exception:  # noqa: BLE001 - an exception that cannot even be formatted
         text = f"{type(exc).__name__}: <unprintable>"
+    # Lone surrogates cannot be sent to Redis (nor logged as JSON): escape them.
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text[-MAX_ERROR_TEXT:]
 
 

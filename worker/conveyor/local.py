@@ -79,10 +79,12 @@ class RedisServer:
             "noeviction",
             *self.extra_args,
         ]
-        log = (self.directory / "redis.log").open("ab")
-        self.process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        log = self.directory / "redis.log"
+        # The child keeps its own descriptor; ours is closed at once, not left to the GC.
+        with log.open("ab") as output:
+            self.process = subprocess.Popen(
+                args, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + 10
         while True:
@@ -91,7 +93,7 @@ class RedisServer:
                 break
             except redis.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise ConfigError(f"redis-server did not start; see {log.name}") from None
+                    raise ConfigError(f"redis-server did not start; see {log}") from None
                 time.sleep(0.02)
             finally:
                 client.close()

@@ -8,7 +8,16 @@ reports the same, current numbers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from conveyor.errors import ConveyorError
+
+if TYPE_CHECKING:
+    from conveyor.queue import Queue
 
 _JOB = ("job_type", "priority")
 _WAIT_BUCKETS = (
@@ -91,3 +100,68 @@ DRAINING = Gauge(
 REDIS_RECONNECTS = Counter(
     "conveyor_redis_reconnects_total", "Times a worker lost Redis and reconnected."
 )
+
+
+class QueueCollector:
+    """Queue depth per class, read from Redis at scrape time (one script call per scrape).
+
+    Registered once per pod (by the supervisor's endpoint, not per worker process), so summing
+    across processes never double-counts a gauge that describes the shared queue.
+    """
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ("queue", "priority")
+        families = {
+            "ready": GaugeMetricFamily(
+                "conveyor_queue_ready_jobs", "Jobs ready to run now.", labels=labels
+            ),
+            "due": GaugeMetricFamily(
+                "conveyor_queue_due_delayed_jobs",
+                "Delayed jobs whose time has come.",
+                labels=labels,
+            ),
+            "future": GaugeMetricFamily(
+                "conveyor_queue_future_delayed_jobs", "Delayed jobs not yet due.", labels=labels
+            ),
+            "in_flight": GaugeMetricFamily(
+                "conveyor_queue_in_flight_jobs", "Jobs leased to a worker.", labels=labels
+            ),
+            "dead": GaugeMetricFamily(
+                "conveyor_queue_dead_jobs", "Jobs in the dead-letter queue.", labels=labels
+            ),
+            "age": GaugeMetricFamily(
+                "conveyor_oldest_ready_age_seconds",
+                "How long the oldest ready job has waited.",
+                labels=labels,
+            ),
+            "limited": GaugeMetricFamily(
+                "conveyor_rate_limited_groups",
+                "Groups waiting for their rate limit.",
+                labels=labels,
+            ),
+        }
+        up = GaugeMetricFamily(
+            "conveyor_redis_up", "1 when the last scrape reached Redis.", labels=("queue",)
+        )
+        name = self.queue.keys.queue
+        try:
+            rows = self.queue.stats()
+        except ConveyorError:
+            up.add_metric([name], 0)
+            yield up
+            return
+        up.add_metric([name], 1)
+        for row in rows:
+            key = [name, row.priority]
+            families["ready"].add_metric(key, row.ready)
+            families["due"].add_metric(key, row.due_delayed)
+            families["future"].add_metric(key, row.future_delayed)
+            families["in_flight"].add_metric(key, row.in_flight)
+            families["dead"].add_metric(key, row.dead)
+            families["age"].add_metric(key, row.oldest_ready_age or 0.0)
+            families["limited"].add_metric(key, row.limited_groups)
+        yield up
+        yield from families.values()

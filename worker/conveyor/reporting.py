@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 
 from conveyor import metrics
-from conveyor.errors import ConveyorError
+from conveyor.errors import BackendUnavailable, ConveyorError
 from conveyor.leases import Failure, LeaseClient
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,41 @@ Labels = tuple[str, str]
 MAX_BATCH = 1000
 
 
+class Outage:
+    """Logs one WARNING when a worker process loses Redis and one INFO when it is back,
+    however many of its loops (claimer, reporter, heartbeat, sweeper) notice in between."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        if self.since is not None:
+            log.debug("%s failed again: %s", what, exc)
+            return
+        self.since = time.monotonic()
+        log.warning(
+            "Redis unreachable (%s), retrying with backoff: %s",
+            what,
+            exc,
+            extra={"event": "redis_unreachable"},
+        )
+
+    def succeeded(self) -> None:
+        if self.since is None:
+            return
+        log.info(
+            "Redis reachable again after %.1fs",
+            time.monotonic() - self.since,
+            extra={"event": "redis_reconnected"},
+        )
+        metrics.REDIS_RECONNECTS.inc()
+        self.since = None
+
+
 class Reporter:
-    def __init__(self, leases: LeaseClient) -> None:
+    def __init__(self, leases: LeaseClient, outage: Outage | None = None) -> None:
         self.leases = leases
+        self.outage = outage or Outage()
         self._acks: list[tuple[str, str, int]] = []
         self._ack_labels: list[Labels] = []
         self._fails: list[Failure] = []
@@ -68,8 +101,14 @@ class Reporter:
                     await self._send_once()
                 except ConveyorError as exc:
                     failures += 1
+                    if isinstance(exc, BackendUnavailable):
+                        self.outage.failed("report", exc)
                     if failures == 1:
-                        log.warning(
+                        # An outage has its own warning; a refusal by Redis has only this one.
+                        log.log(
+                            logging.INFO
+                            if isinstance(exc, BackendUnavailable)
+                            else logging.WARNING,
                             "cannot report %d outcomes yet, retrying: %s",
                             self.pending,
                             exc,
@@ -77,8 +116,21 @@ class Reporter:
                         )
                     await asyncio.sleep(random.uniform(0, min(5.0, 0.05 * 2**failures)))
                     continue
+                except Exception:
+                    # A bug must not end the reporter: every later outcome would go unsent
+                    # and every job after it would run again once its lease expired.
+                    failures += 1
+                    if failures == 1:
+                        log.exception(
+                            "reporting %d outcomes failed unexpectedly, retrying",
+                            self.pending,
+                            extra={"event": "report_error"},
+                        )
+                    await asyncio.sleep(random.uniform(0, min(5.0, 0.05 * 2**failures)))
+                    continue
+                self.outage.succeeded()
                 if failures:
-                    log.warning(
+                    log.info(
                         "outcomes reported again after %d failed tries",
                         failures,
                         extra={"event": "report_recovered"},

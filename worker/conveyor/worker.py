@@ -30,9 +30,9 @@ from conveyor.errors import BackendUnavailable, ConveyorError
 from conveyor.execution import LEASE_LOST, SHUTDOWN, TIMEOUT, Poison, failure_of, prepare
 from conveyor.job import Job
 from conveyor.keys import PRIORITY_CLASSES, Keyspace
-from conveyor.leases import Claimed, Failure, LeaseClient
+from conveyor.leases import Claimed, ClaimResult, Failure, LeaseClient
 from conveyor.registry import Registry
-from conveyor.reporting import Reporter
+from conveyor.reporting import Outage, Reporter
 from conveyor.workers import WorkerRecord
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,12 @@ class Worker:
             socket_timeout=settings.sweep_interval + 10,
         )
         self.leases = LeaseClient(self.redis, self.keys)
-        self.reporter = Reporter(self.leases)
+        self.outage = Outage()
+        self.reporter = Reporter(self.leases, self.outage)
         self.record = WorkerRecord(self.redis, self.keys, self.identity, settings)
         self.running: dict[str, Running] = {}
         self.draining = asyncio.Event()
+        self.closing = asyncio.Event()
         self.hurry = asyncio.Event()
         self.slot_free = asyncio.Event()
         self.exit_code = 0
@@ -118,19 +120,51 @@ class Worker:
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._sweep_loop(), name="sweeper"),
         ]
+        if self.settings.database_url:
+            from conveyor.history.writer import writer_for
+
+            background.append(asyncio.create_task(writer_for(self.settings).run(), name="history"))
+        from conveyor.schedule import Scheduler, configured_schedules
+
+        if schedules := configured_schedules(self.settings.schedules):
+            scheduler = Scheduler(self.redis, self.keys, schedules)
+            background.append(asyncio.create_task(scheduler.run(), name="scheduler"))
         claimer = asyncio.create_task(self._claim_loop(), name="claimer")
+        claimer.add_done_callback(self._claimer_ended)
         await self.draining.wait()
         claimer.cancel()
         await asyncio.gather(claimer, return_exceptions=True)
         await self._drain()
-        for t in background:
-            t.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await self._stop_background(background)
         await self.record.remove()
         await self.redis.aclose()
         await self.blocking.aclose()
         log.info("worker %s stopped", self.identity, extra={"event": "worker_stopped"})
         return self.exit_code
+
+    async def _stop_background(self, background: list[asyncio.Task[None]]) -> None:
+        # The heartbeat and the sweeper stop at their next turn instead of being cancelled
+        # mid-command: redis-py (seen with 8.2) can absorb a cancellation that arrives while
+        # other tasks share its pool, and a loop that lives on keeps the process from exiting.
+        self.closing.set()
+        loops = [t for t in background if t.get_name() in ("heartbeat", "sweeper")]
+        await asyncio.wait(loops, timeout=5)
+        for t in background:
+            t.cancel()
+        await asyncio.wait(background, timeout=5)
+
+    def _claimer_ended(self, claimer: asyncio.Task[None]) -> None:
+        """A claimer that dies of a bug would leave a live process that never claims again:
+        drain and exit non-zero instead, so the supervisor starts a fresh one."""
+        if claimer.cancelled() or claimer.exception() is None or self.draining.is_set():
+            return
+        log.error(
+            "claiming stopped on an unexpected error; restarting the process",
+            exc_info=claimer.exception(),
+            extra={"event": "claimer_crashed"},
+        )
+        self.exit_code = 1
+        self.stop()
 
     def stop(self) -> None:
         """First call: drain. Second call: hand back everything now."""
@@ -189,34 +223,48 @@ class Worker:
                 continue
             wanted = min(free, self.settings.claim_batch)
             self._claims += 1
-            try:
-                result = await self.leases.claim(
+            claim = asyncio.ensure_future(
+                self.leases.claim(
                     wanted, self._ttl_ms, f"{prefix}{self._claims}", self.settings.classes
                 )
+            )
+            try:
+                result = await asyncio.shield(claim)
+            except asyncio.CancelledError:
+                await self._hand_back_claim(claim)
+                raise
             except BackendUnavailable as exc:
-                await self._pause_for_redis(backoff, exc)
+                self.outage.failed("claim", exc)
+                await asyncio.sleep(backoff.next_delay())
                 continue
-            if backoff.failures:
-                log.warning(
-                    "Redis reachable again after %d failed claims",
-                    backoff.failures,
-                    extra={"event": "redis_reconnected"},
-                )
-                metrics.REDIS_RECONNECTS.inc()
-                backoff.failures = 0
+            except ConveyorError as exc:
+                # Redis answered with an error (out of memory, read-only replica after a
+                # failover, busy script): retry like an outage rather than stop claiming.
+                if backoff.failures == 0:
+                    log.warning(
+                        "claim refused by Redis, retrying with backoff: %s",
+                        exc,
+                        extra={"event": "claim_failed"},
+                    )
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            self.outage.succeeded()
+            backoff.failures = 0
             for claimed in result.jobs:
                 self._start(claimed, result.now_ms)
             if len(result.jobs) < wanted:
                 await self._wait_for_work(result.now_ms, result.next_ms)
 
-    async def _pause_for_redis(self, backoff: _Backoff, exc: BaseException) -> None:
-        if backoff.failures == 0:
-            log.warning(
-                "Redis unreachable, retrying with backoff: %s",
-                exc,
-                extra={"event": "redis_unreachable"},
-            )
-        await asyncio.sleep(backoff.next_delay())
+    async def _hand_back_claim(self, claim: asyncio.Future[ClaimResult]) -> None:
+        """A drain stopped the claimer while its claim was in flight. Redis may have leased
+        jobs to it already; cutting the reply off would leave them to expire as lost runs
+        (an attempt spent and ``lease_ttl`` of delay), so wait for it and hand them back."""
+        try:
+            result = await claim
+        except ConveyorError:
+            return
+        if result.jobs:
+            self.reporter.hand_back([(c.id, c.token) for c in result.jobs])
 
     async def _wait_for_work(self, now_ms: int, next_ms: int) -> None:
         timeout = self.settings.sweep_interval
@@ -352,9 +400,17 @@ class Worker:
 
     # -- keeping leases and the queue healthy ----------------------------------------------------
 
+    async def _closing_within(self, seconds: float) -> bool:
+        """Sleep ``seconds``; True at once if the worker is closing."""
+        try:
+            await asyncio.wait_for(self.closing.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
     async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_interval)
+        refused = False  # Redis answered with an error: warned once until a beat succeeds
+        while not await self._closing_within(self.settings.heartbeat_interval):
             leases = [
                 (r.claimed.id, r.claimed.token)
                 for r in self.running.values()
@@ -367,8 +423,15 @@ class Worker:
                 await self.record.beat(
                     len(self.running), self.draining.is_set(), list(self.running)
                 )
+            except BackendUnavailable as exc:
+                self.outage.failed("heartbeat", exc)
             except ConveyorError as exc:
-                log.warning("heartbeat failed: %s", exc, extra={"event": "heartbeat_failed"})
+                if not refused:
+                    log.warning("heartbeat failed: %s", exc, extra={"event": "heartbeat_failed"})
+                refused = True
+            else:
+                self.outage.succeeded()
+                refused = False
 
     def _lease_lost(self, job_id: str) -> None:
         running = self.running.get(job_id)
@@ -383,8 +446,9 @@ class Worker:
         self._interrupt(running, LEASE_LOST)
 
     async def _sweep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.sweep_interval * random.uniform(0.8, 1.2))
+        while not await self._closing_within(
+            self.settings.sweep_interval * random.uniform(0.8, 1.2)
+        ):
             try:
                 recovered, _ = await self.leases.recover(PRIORITY_CLASSES)
             except ConveyorError as exc:
