@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import sys
+import tempfile
 from datetime import UTC, datetime
 from typing import Any
 
@@ -112,9 +113,24 @@ def _worker(ctx: click.Context, /, modules: tuple[str, ...], **options: Any) -> 
 
     settings = _settings(ctx.obj, modules, options)
     logs.configure(settings.log_level, settings.log_format)
+    if settings.metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Worker processes write their metrics here; the supervisor's endpoint sums them.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="conveyor-metrics-")
     payload = dataclasses.asdict(settings)
     os.environ[SETTINGS_ENV] = json.dumps(payload)
     supervisor = Supervisor(child_argv([]), settings.processes, settings.grace)
+    if settings.metrics_port:
+        from conveyor import health
+        from conveyor.metrics import QueueCollector
+
+        queue = Queue.from_url(settings.redis_url, settings.queue)
+        health.serve(
+            settings.metrics_port,
+            supervisor.live,
+            supervisor.ready,
+            host=settings.metrics_host,
+            collectors=[QueueCollector(queue)],
+        )
     sys.exit(supervisor.run())
 
 

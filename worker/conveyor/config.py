@@ -125,6 +125,10 @@ class WorkerSettings(_FromEnv):
     worker_name: str = setting("", "Identity in heartbeats; defaults to host:pid.")
     pod_name: str = setting("", "Kubernetes pod name (downward API).", env="POD_NAME")
     metrics_port: int = setting(0, "Port of the Prometheus and health endpoint; 0 disables it.")
+    metrics_host: str = setting(
+        "0.0.0.0",
+        "Address the metrics and health endpoint binds.",
+    )
     log_format: str = setting("text", "Log format: text or json.")
     log_level: str = setting("INFO", "Log level.")
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
-from prometheus_client.registry import REGISTRY
+from prometheus_client.registry import REGISTRY, Collector
 
 Check = Callable[[], tuple[bool, str]]
 
@@ -25,17 +25,26 @@ class _QuietHandler(WSGIRequestHandler):
         """Probes arrive every few seconds; logging each would drown the real events."""
 
 
-def _registry() -> CollectorRegistry:
+def _registry(collectors: Sequence[Collector]) -> CollectorRegistry:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return registry
-    return REGISTRY
+    else:
+        registry = REGISTRY
+    for collector in collectors:
+        registry.register(collector)
+    return registry
 
 
-def serve(port: int, live: Check, ready: Check, host: str = "0.0.0.0") -> WSGIServer:
+def serve(
+    port: int,
+    live: Check,
+    ready: Check,
+    host: str = "0.0.0.0",
+    collectors: Sequence[Collector] = (),
+) -> WSGIServer:
     """Start the endpoint in a daemon thread; returns the server (``shutdown()`` stops it)."""
-    metrics_app = make_wsgi_app(_registry())
+    metrics_app = make_wsgi_app(_registry(collectors))
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")

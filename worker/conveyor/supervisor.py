@@ -45,6 +45,20 @@ class Supervisor:
         self.signals = 0
         self.stop_deadline: float | None = None
         self._last_failures: dict[int, int] = {}
+        self._last_turn = time.monotonic()
+
+    def live(self) -> tuple[bool, str]:
+        """Alive while the supervision loop turns; a wedged supervisor must be restarted."""
+        stalled = time.monotonic() - self._last_turn
+        return stalled < 30, f"supervisor loop last turned {stalled:.1f}s ago"
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready while not draining and at least one worker process runs. Readiness turns false
+        at the first SIGTERM, before any job is handed back."""
+        if self.signals:
+            return False, "draining"
+        running = sum(1 for c in self.children.values() if c.process.poll() is None)
+        return running > 0, f"{running}/{self.processes} worker processes running"
 
     def _spawn(self, slot: int, failures: int = 0) -> None:
         process = subprocess.Popen(self.argv, start_new_session=True)
@@ -101,6 +115,7 @@ class Supervisor:
                     )
                     _kill_group(child.process.pid)
                 self.stop_deadline = None
+            self._last_turn = time.monotonic()
             time.sleep(0.05)
         log.info("all worker processes exited", extra={"event": "supervisor_stopped"})
         return 0
@@ -115,7 +130,14 @@ class Supervisor:
         # Whatever the handler started (threads die with the process; child processes do not)
         # lives in the worker's process group.
         _kill_group(child.process.pid)
-        if code == 0 and self.signals:
+        _forget_metrics(child.process.pid)
+        if code == 0:
+            if not self.signals:
+                log.info(
+                    "worker process %d drained and exited; starting a replacement",
+                    child.process.pid,
+                    extra={"event": "process_exited"},
+                )
             return
         if code == EXIT_RECYCLE:
             log.warning(
@@ -142,6 +164,14 @@ class Supervisor:
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+def _forget_metrics(pid: int) -> None:
+    # Live-summed gauges of a dead process would otherwise count its slots forever.
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 def child_argv(extra: list[str]) -> list[str]:
