@@ -53,8 +53,9 @@ def test_metrics_sum_over_worker_processes_and_readiness_turns_false_when_draini
         10,
         "40 completions summed over both processes",
     )
+    # Each process reports its slots once its loop runs; the pod's figure is their sum.
+    wait_until(lambda: _sample(scraped(), "conveyor_worker_slots") == 8, 10, "8 slots")
     text = scraped()
-    assert _sample(text, "conveyor_worker_slots") == 8
     assert _sample(text, "conveyor_worker_busy_slots") == 1
     assert 'conveyor_queue_in_flight_jobs{priority="normal"' in text
     assert _sample(text, "conveyor_redis_up") == 1

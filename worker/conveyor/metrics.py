@@ -9,7 +9,9 @@ reports the same, current numbers.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -100,6 +102,39 @@ DRAINING = Gauge(
 REDIS_RECONNECTS = Counter(
     "conveyor_redis_reconnects_total", "Times a worker lost Redis and reconnected."
 )
+
+
+@dataclass(frozen=True, slots=True)
+class JobMetrics:
+    """The labelled children of one (job type, priority class)."""
+
+    started: Any
+    completed: Any
+    failed: Any
+    retried: Any
+    dead: Any
+    handed_back: Any
+    lost: Any
+    wait: Any
+    run: Any
+
+
+@lru_cache(maxsize=4096)
+def for_job(job_type: str, priority: str) -> JobMetrics:
+    """Children looked up once per label pair: ``labels()`` on every job cost the worker about
+    a fifth of its time per no-op job."""
+    labels = (job_type, priority)
+    return JobMetrics(
+        started=JOBS_STARTED.labels(*labels),
+        completed=JOBS_COMPLETED.labels(*labels),
+        failed=JOBS_FAILED.labels(*labels),
+        retried=JOBS_RETRIED.labels(*labels),
+        dead=JOBS_DEAD.labels(*labels),
+        handed_back=JOBS_HANDED_BACK.labels(*labels),
+        lost=LEASES_LOST.labels(*labels),
+        wait=QUEUE_WAIT.labels(*labels),
+        run=RUN_TIME.labels(*labels),
+    )
 
 
 class QueueCollector:

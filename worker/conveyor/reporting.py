@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import Counter
 
 from conveyor import metrics
 from conveyor.errors import BackendUnavailable, ConveyorError
@@ -64,6 +65,7 @@ class Reporter:
         self._fails: list[Failure] = []
         self._fail_labels: dict[str, Labels] = {}
         self._handbacks: list[tuple[str, str]] = []
+        self._handback_labels: dict[str, Labels] = {}
         self._ready = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -79,8 +81,10 @@ class Reporter:
         self._fail_labels[failure.job_id] = labels
         self._wake()
 
-    def hand_back(self, leases: list[tuple[str, str]]) -> None:
+    def hand_back(self, leases: list[tuple[str, str]], labels: list[Labels] | None = None) -> None:
         self._handbacks.extend(leases)
+        for (job_id, _), label in zip(leases, labels or [], strict=False):
+            self._handback_labels[job_id] = label
         self._wake()
 
     def _wake(self) -> None:
@@ -143,9 +147,10 @@ class Reporter:
             batch, labels = self._acks[:MAX_BATCH], self._ack_labels[:MAX_BATCH]
             stale = set(await self.leases.ack(batch))
             del self._acks[: len(batch)], self._ack_labels[: len(batch)]
+            completed: Counter[Labels] = Counter()
             for (job_id, _, _), label in zip(batch, labels, strict=True):
                 if job_id in stale:
-                    metrics.LEASES_LOST.labels(*label).inc()
+                    metrics.for_job(*label).lost.inc()
                     log.warning(
                         "ack of job %s rejected: its lease had expired and the job was "
                         "recovered; this run's result is discarded",
@@ -153,7 +158,9 @@ class Reporter:
                         extra={"event": "ack_stale", "job_id": job_id},
                     )
                 else:
-                    metrics.JOBS_COMPLETED.labels(*label).inc()
+                    completed[label] += 1
+            for label, n in completed.items():
+                metrics.for_job(*label).completed.inc(n)
         if self._fails:
             batch_f = self._fails[:MAX_BATCH]
             outcomes = await self.leases.fail(batch_f)
@@ -163,23 +170,27 @@ class Reporter:
                 self._count_failure(job_id, outcome, delay_ms, label)
         if self._handbacks:
             batch_h = self._handbacks[:MAX_BATCH]
-            stale_h = await self.leases.hand_back(batch_h)
+            stale_h = set(await self.leases.hand_back(batch_h))
             del self._handbacks[: len(batch_h)]
-            metrics.JOBS_HANDED_BACK.labels("", "").inc(len(batch_h) - len(stale_h))
+            for job_id, _ in batch_h:
+                label = self._handback_labels.pop(job_id, ("", ""))
+                if job_id not in stale_h:
+                    metrics.for_job(*label).handed_back.inc()
 
     @staticmethod
     def _count_failure(job_id: str, outcome: str, delay_ms: int, label: Labels) -> None:
         if outcome == "stale":
-            metrics.LEASES_LOST.labels(*label).inc()
+            metrics.for_job(*label).lost.inc()
             log.warning(
                 "failure of job %s rejected: lease already lost",
                 job_id,
                 extra={"event": "fail_stale", "job_id": job_id},
             )
             return
-        metrics.JOBS_FAILED.labels(*label).inc()
+        job_metrics = metrics.for_job(*label)
+        job_metrics.failed.inc()
         if outcome == "retry":
-            metrics.JOBS_RETRIED.labels(*label).inc()
+            job_metrics.retried.inc()
             log.info(
                 "job %s will retry in %.3fs",
                 job_id,
@@ -187,7 +198,7 @@ class Reporter:
                 extra={"event": "job_retry", "job_id": job_id},
             )
         else:
-            metrics.JOBS_DEAD.labels(*label).inc()
+            job_metrics.dead.inc()
             log.warning(
                 "job %s dead-lettered", job_id, extra={"event": "job_dead", "job_id": job_id}
             )

@@ -37,6 +37,8 @@ from conveyor.workers import WorkerRecord
 
 log = logging.getLogger(__name__)
 
+WATCHDOG_INTERVAL = 0.05
+"""Seconds between timeout checks: the precision of job timeouts."""
 EXIT_RECYCLE = 75
 """Exit code asking the supervisor for a fresh process (a sync handler could not be stopped)."""
 
@@ -49,6 +51,8 @@ class Running:
     thread: Future[None] | None = None
     stop_reason: str | None = None
     labels: tuple[str, str] = ("", "")
+    deadline: float = 0.0
+    """Event-loop time at which the run times out; 0 until the handler starts."""
 
 
 @dataclass
@@ -119,6 +123,7 @@ class Worker:
             asyncio.create_task(self.reporter.run(), name="reporter"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._sweep_loop(), name="sweeper"),
+            asyncio.create_task(self._watchdog_loop(), name="watchdog"),
         ]
         if self.settings.database_url:
             from conveyor.history.writer import writer_for
@@ -147,7 +152,7 @@ class Worker:
         # mid-command: redis-py (seen with 8.2) can absorb a cancellation that arrives while
         # other tasks share its pool, and a loop that lives on keeps the process from exiting.
         self.closing.set()
-        loops = [t for t in background if t.get_name() in ("heartbeat", "sweeper")]
+        loops = [t for t in background if t.get_name() in ("heartbeat", "sweeper", "watchdog")]
         await asyncio.wait(loops, timeout=5)
         for t in background:
             t.cancel()
@@ -202,7 +207,10 @@ class Worker:
             self._interrupt(r, SHUTDOWN)
         await asyncio.gather(*(r.task for r in leftover if r.task), return_exceptions=True)
         if leftover:
-            self.reporter.hand_back([(r.claimed.id, r.claimed.token) for r in leftover])
+            self.reporter.hand_back(
+                [(r.claimed.id, r.claimed.token) for r in leftover],
+                [(r.claimed.type or "", r.claimed.priority) for r in leftover],
+            )
             log.info(
                 "handed back %d unfinished jobs",
                 len(leftover),
@@ -264,7 +272,10 @@ class Worker:
         except ConveyorError:
             return
         if result.jobs:
-            self.reporter.hand_back([(c.id, c.token) for c in result.jobs])
+            self.reporter.hand_back(
+                [(c.id, c.token) for c in result.jobs],
+                [(c.type or "", c.priority) for c in result.jobs],
+            )
 
     async def _wait_for_work(self, now_ms: int, next_ms: int) -> None:
         timeout = self.settings.sweep_interval
@@ -299,13 +310,12 @@ class Worker:
                 return
             labels = (claimed.type or "", claimed.priority)
             running.labels = labels
-            metrics.JOBS_STARTED.labels(*labels).inc()
+            job_metrics = metrics.for_job(*labels)
+            job_metrics.started.inc()
             if claimed.queued_ms:
-                metrics.QUEUE_WAIT.labels(*labels).observe(
-                    max(0, now_ms - claimed.queued_ms) / 1000
-                )
-            loop = asyncio.get_running_loop()
-            timer = loop.call_later(prepared.job.timeout, self._interrupt, running, TIMEOUT)
+                job_metrics.wait.observe(max(0, now_ms - claimed.queued_ms) / 1000)
+            # The watchdog loop enforces this; one timer handle per job cost more than the job.
+            running.deadline = asyncio.get_running_loop().time() + prepared.job.timeout
             metrics.SLOTS_BUSY.inc()
             try:
                 if prepared.task.is_async:
@@ -324,11 +334,11 @@ class Worker:
             else:
                 if running.stop_reason is None:
                     runtime = time.monotonic() - running.started
-                    metrics.RUN_TIME.labels(*labels).observe(runtime)
+                    job_metrics.run.observe(runtime)
                     self.reporter.ack(claimed.id, claimed.token, round(runtime * 1000), labels)
                     log.debug("job %s done in %.3fs", claimed.id, runtime)
             finally:
-                timer.cancel()
+                running.deadline = 0.0
                 metrics.SLOTS_BUSY.dec()
         finally:
             if running.stop_reason != SHUTDOWN:
@@ -442,8 +452,17 @@ class Worker:
             job_id,
             extra={"event": "lease_lost", "job_id": job_id},
         )
-        metrics.LEASES_LOST.labels(*running.labels).inc()
+        metrics.for_job(*running.labels).lost.inc()
         self._interrupt(running, LEASE_LOST)
+
+    async def _watchdog_loop(self) -> None:
+        """Stops runs past their timeout, checked every WATCHDOG_INTERVAL seconds."""
+        loop = asyncio.get_running_loop()
+        while not await self._closing_within(WATCHDOG_INTERVAL):
+            now = loop.time()
+            for running in list(self.running.values()):
+                if running.deadline and now >= running.deadline:
+                    self._interrupt(running, TIMEOUT)
 
     async def _sweep_loop(self) -> None:
         while not await self._closing_within(
