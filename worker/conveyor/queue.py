@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import redis
@@ -304,14 +304,14 @@ class Queue:
 @dataclass
 class ReplayReport:
     replayed: int = 0
-    missing: list[str] | None = None
+    missing: list[str] = field(default_factory=list)
     """Dead letters whose job record was gone; removed from the dead-letter index."""
     skipped: int = 0
     """Ids that were not dead letters (already replayed, purged or never dead)."""
 
     def add(self, raw: list[list[bytes]]) -> None:
         self.replayed += len(raw[0])
-        self.missing = (self.missing or []) + [i.decode() for i in raw[1]]
+        self.missing += [i.decode() for i in raw[1]]
         self.skipped += len(raw[2])
 
 

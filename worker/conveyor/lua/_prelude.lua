@@ -44,7 +44,7 @@ local CONFIG = (function()
     done_ttl_ms = tonumber(raw[1]) or 0,
     dead_max = tonumber(raw[2]) or 100000,
     dead_ttl_ms = tonumber(raw[3]) or 7 * 24 * 3600 * 1000,
-    events_max = tonumber(raw[4]) or 100000,
+    events_max = tonumber(raw[4]) or 1000000,
   }
 end)()
 
@@ -229,7 +229,10 @@ local function enqueue_one(seq, spec, payload, dedup_key)
       return existing, 0
     end
   end
-  local id = string.format('%013d-%06d', NOW_MS, seq % 1000000)
+  -- Creation ms, then the whole queue sequence at fixed width (16 digits hold every integer a
+  -- Lua number represents exactly), so ids sort by creation; a wrapping suffix would break
+  -- the order every million jobs and could repeat an id within one millisecond.
+  local id = string.format('%013d-%016d', NOW_MS, seq)
   local jtype, class, group = spec[1], spec[3], spec[4]
   local due = 0
   if tonumber(spec[7]) > 0 then

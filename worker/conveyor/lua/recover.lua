@@ -1,6 +1,7 @@
 -- recover: treat expired leases as failed attempts (reason worker_lost) and promote due
--- delayed jobs, so a class with no live worker still has its due work made ready. Safe to run
--- from any number of processes at once: each expired lease is handled by exactly one call.
+-- delayed jobs, so a class with no live worker still has its due work made ready; also purge
+-- dead letters past their retention, which otherwise happens only when another job dies. Safe
+-- to run from any number of processes at once: each expired lease is handled by exactly one call.
 -- KEYS: the queue keyspace (see _prelude.lua)
 -- ARGV: limit per class, then the classes
 -- Returns: {recovered_count, promoted_count}
@@ -22,5 +23,6 @@ for c = 2, #ARGV do
   end
   promoted = promoted + promote(class, limit)
 end
+dead_letter_trim()
 finish()
 return {recovered, promoted}
