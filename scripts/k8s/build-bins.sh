@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Build a local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kwok, helm; kubectl on request) from the Go module proxy only, into a cache
+# kube-scheduler, kwok, helm, kubectl) from the Go module proxy only, into a cache
 # outside the repo. Idempotent: finished binaries are kept and skipped. The last line printed on
 # stdout is the bin dir, so callers can do BIN=$(scripts/k8s/build-bins.sh | tail -n1).
+# With --check it builds nothing: it prints the bin dir if complete, else exits 3.
 #
 # Environment:
 #   CONVEYOR_K8S_BIN      bin dir to use (default ~/.cache/conveyor-k8s/<versions>/bin)
-#   CONVEYOR_K8S_KUBECTL  1 to also build kubectl (about 1.5 extra minutes once the apiserver
-#                         is built; the Python harness does not need it)
+#   CONVEYOR_K8S_KUBECTL  0 to skip kubectl (it costs about 30 s once the apiserver is built;
+#                         the Python harness itself never calls it)
 #   GOCACHE, GOMODCACHE   honoured as usual; they hold several GB after a build
 set -euo pipefail
 
+# One brace group around the whole script: bash parses it all before running any of it, so a
+# checkout that rewrites this file during a half-hour build cannot derail the running copy.
+{
 K8S_VERSION=1.37.2
 # kubeadm v1.37.2 pins etcd 3.7.0 (DefaultEtcdVersion); 3.7.4 is that minor's newest patch.
 ETCD_VERSION=3.7.4
@@ -21,7 +25,26 @@ RECIPE=1
 
 VERSIONS="k8s${K8S_VERSION}-etcd${ETCD_VERSION}-kwok${KWOK_VERSION}-helm${HELM_VERSION}-r${RECIPE}"
 BIN="${CONVEYOR_K8S_BIN:-${HOME}/.cache/conveyor-k8s/${VERSIONS}/bin}"
-WITH_KUBECTL="${CONVEYOR_K8S_KUBECTL:-0}"
+WITH_KUBECTL="${CONVEYOR_K8S_KUBECTL:-1}"
+
+REQUIRED=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok helm)
+case "${1:-}" in
+    "") ;;
+    --check)
+        for c in "${REQUIRED[@]}" kwok-stages.yaml; do
+            if [ ! -s "$BIN/$c" ]; then
+                echo "missing $BIN/$c" >&2
+                exit 3
+            fi
+        done
+        echo "$BIN"
+        exit 0
+        ;;
+    *)
+        echo "usage: $0 [--check]" >&2
+        exit 2
+        ;;
+esac
 
 export PATH="/usr/local/go/bin:${PATH}"
 # A module asking for a newer Go must fail here rather than fetch a toolchain.
@@ -78,30 +101,30 @@ mod_field() {
 K8S_CMDS=(kube-apiserver kube-controller-manager kube-scheduler)
 [ "$WITH_KUBECTL" = 1 ] && K8S_CMDS+=(kubectl)
 
+# Note: these functions run under `timed ... || die`, where bash ignores `set -e`, so every
+# step checks its own status.
 k8s_wrapper() {
     # k8s.io/kubernetes requires its staging modules at v0.0.0 and maps them to ./staging with
     # replace lines that consumers ignore; pin each to the matching v0.X.Y release instead. The
     # list comes from the tag's own go.mod, so new staging modules are picked up by themselves.
-    local dir="$WORK/k8s" gomod staging mods
-    staging="v0.${K8S_VERSION#1.}"
-    mkdir -p "$dir"
+    local dir="$WORK/k8s" gomod mods m staging="v0.${K8S_VERSION#1.}"
+    local tools=()
+    mkdir -p "$dir" || return 1
+    gomod="$(mod_field GoMod "k8s.io/kubernetes@v${K8S_VERSION}")"
+    [ -f "$gomod" ] || return 1
+    mods="$(sed -n 's#^[[:space:]]*\(k8s\.io/[A-Za-z0-9._-]*\)[[:space:]]*=>[[:space:]]*\./staging/.*#\1#p' "$gomod")"
+    if [ -z "$mods" ]; then
+        echo "no staging replace lines found in $gomod" >&2
+        return 1
+    fi
+    for m in "${K8S_CMDS[@]}"; do tools+=("k8s.io/kubernetes/cmd/$m@v${K8S_VERSION}"); done
     (
-        cd "$dir"
-        go mod init local.invalid/conveyor-k8sbins >/dev/null 2>&1
+        cd "$dir" || exit 1
+        go mod init local.invalid/conveyor-k8sbins || exit 1
         # The main module's go line sets GODEBUG defaults; match upstream's.
-        go mod edit -go=1.26.0 -require="k8s.io/kubernetes@v${K8S_VERSION}"
-        gomod="$(mod_field GoMod "k8s.io/kubernetes@v${K8S_VERSION}")"
-        [ -n "$gomod" ] || exit 1
-        mods="$(sed -n 's#^[[:space:]]*\(k8s\.io/[A-Za-z0-9._-]*\)[[:space:]]*=>[[:space:]]*\./staging/.*#\1#p' "$gomod")"
-        [ -n "$mods" ] || {
-            echo "no staging replace lines found in $gomod" >&2
-            exit 1
-        }
-        local m
-        for m in $mods; do go mod edit -replace="$m=$m@$staging"; done
-        local tools=()
-        for m in "${K8S_CMDS[@]}"; do tools+=("k8s.io/kubernetes/cmd/$m@v${K8S_VERSION}"); done
-        go get -tool "${tools[@]}"
+        go mod edit -go=1.26.0 -require="k8s.io/kubernetes@v${K8S_VERSION}" || exit 1
+        for m in $mods; do go mod edit -replace="$m=$m@$staging" || exit 1; done
+        go get -tool "${tools[@]}" || exit 1
     )
 }
 
@@ -117,8 +140,12 @@ k8s_build_one() {
     done
     (cd "$WORK/k8s" && go build -p 2 -trimpath -ldflags "$ldf" -o "$BIN/.$cmd.tmp" \
         "k8s.io/kubernetes/cmd/$cmd") || return 1
-    "$BIN/.$cmd.tmp" --version >&2 || return 1
-    mv -f "$BIN/.$cmd.tmp" "$BIN/$cmd"
+    if [ "$cmd" = kubectl ]; then
+        "$BIN/.$cmd.tmp" version --client >&2 || return 1
+    else
+        "$BIN/.$cmd.tmp" --version >&2 || return 1
+    fi
+    mv -f "$BIN/.$cmd.tmp" "$BIN/$cmd" || return 1
 }
 
 need_k8s=0
@@ -135,26 +162,26 @@ etcd_build() {
     # server/go.mod carries local replace lines, so `go install ...@v` refuses it; a wrapper
     # module consumes it like any dependency, and its requires name real versions.
     local dir="$WORK/etcd"
-    mkdir -p "$dir"
+    mkdir -p "$dir" || return 1
     (
-        cd "$dir"
-        go mod init local.invalid/conveyor-etcdbin >/dev/null 2>&1
-        go mod edit -go=1.26.0
-        go get -tool "go.etcd.io/etcd/server/v3@v${ETCD_VERSION}"
+        cd "$dir" || exit 1
+        go mod init local.invalid/conveyor-etcdbin || exit 1
+        go mod edit -go=1.26.0 || exit 1
+        go get -tool "go.etcd.io/etcd/server/v3@v${ETCD_VERSION}" || exit 1
         go build -p 2 -trimpath -ldflags "-s -w" -o "$BIN/.etcd.tmp" go.etcd.io/etcd/server/v3
     ) || return 1
     "$BIN/.etcd.tmp" --version >&2 || return 1
-    mv -f "$BIN/.etcd.tmp" "$BIN/etcd"
+    mv -f "$BIN/.etcd.tmp" "$BIN/etcd" || return 1
 }
 have etcd || timed etcd etcd_build
 
 # --- kwok and helm: plain `go install`, which keeps each tool's own dependency versions --------
 go_install() {
     local name="$1" pkg="$2" ldf="$3" gobin="$WORK/gobin-$1"
-    mkdir -p "$gobin"
+    mkdir -p "$gobin" || return 1
     GOBIN="$gobin" go install -p 2 -trimpath -ldflags "$ldf" "$pkg" || return 1
     "$gobin/$name" --version >&2 2>/dev/null || "$gobin/$name" version >&2 || return 1
-    mv -f "$gobin/$name" "$BIN/$name"
+    mv -f "$gobin/$name" "$BIN/$name" || return 1
 }
 have kwok || timed kwok go_install kwok "sigs.k8s.io/kwok/cmd/kwok@v${KWOK_VERSION}" "-s -w"
 have helm || timed helm go_install helm "helm.sh/helm/v4/cmd/helm@v${HELM_VERSION}" \
@@ -167,7 +194,7 @@ kwok_stages() {
     local dir f out="$BIN/.kwok-stages.yaml.tmp"
     dir="$(mod_field Dir "sigs.k8s.io/kwok@v${KWOK_VERSION}")"
     [ -d "$dir" ] || return 1
-    : >"$out"
+    : >"$out" || return 1
     for f in node/fast/node-initialize.yaml \
         node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
         pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
@@ -175,7 +202,7 @@ kwok_stages() {
             echo "missing $dir/kustomize/stage/$f" >&2
             return 1
         }
-        { echo '---'; cat "$dir/kustomize/stage/$f"; } >>"$out"
+        { echo '---' && cat "$dir/kustomize/stage/$f"; } >>"$out" || return 1
     done
     mv -f "$out" "$BIN/kwok-stages.yaml"
 }
@@ -190,8 +217,10 @@ go $(go env GOVERSION)
 recipe ${RECIPE}
 EOF
 
-for c in etcd kube-apiserver kube-controller-manager kube-scheduler kwok helm; do
+for c in "${REQUIRED[@]}"; do
     have "$c" || die "$c missing from $BIN after the build"
 done
 log "all binaries present in $BIN"
 echo "$BIN"
+exit 0
+}

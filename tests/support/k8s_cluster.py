@@ -38,7 +38,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -63,21 +63,25 @@ REQUIRED_BINARIES: Final = (
 KWOK_STAGES: Final = "kwok-stages.yaml"
 
 DEFAULT_NODES: Final = ("node-a", "node-b")
-# Only what Conveyor's operator tests lean on, to keep CPU and RSS down; node-lifecycle, IPAM,
-# PV and CSR controllers have nothing to act on without kubelets.
+# Only what Conveyor's operator tests lean on, to keep CPU and RSS down; IPAM, PV and CSR
+# controllers have nothing to act on without kubelets.
 DEFAULT_CONTROLLERS: Final = (
-    "serviceaccount",
-    "serviceaccount-token",
-    "namespace",
-    "garbage-collector",
-    "deployment",
-    "replicaset",
-    "statefulset",
-    "job",
-    "disruption",
-    "horizontal-pod-autoscaler",
-    "clusterrole-aggregation",
-    "root-ca-certificate-publisher",
+    # The NodeTaint admission plugin gives every new node a not-ready NoSchedule taint; only
+    # this controller lifts it once kwok reports the node Ready.
+    "node-lifecycle-controller",
+    "serviceaccount-controller",
+    "serviceaccount-token-controller",
+    "namespace-controller",
+    "garbage-collector-controller",
+    "pod-garbage-collector-controller",
+    "deployment-controller",
+    "replicaset-controller",
+    "statefulset-controller",
+    "job-controller",
+    "disruption-controller",
+    "horizontal-pod-autoscaler-controller",
+    "clusterrole-aggregation-controller",
+    "root-ca-certificate-publisher-controller",
 )
 # Static bearer tokens (--token-auth-file) for tests that act as a plain human user.
 DEFAULT_STATIC_USERS: Final[Mapping[str, Sequence[str]]] = {
@@ -104,19 +108,44 @@ def find_bin_dir(*, build: bool = True) -> Path:
     """Locate the binaries; with ``build`` run the (idempotent, cached) build script if needed.
 
     A cold build takes tens of minutes, so CI should run the script before pytest and export
-    ``CONVEYOR_K8S_BIN``; from a warm cache the script returns in about a second.
+    ``CONVEYOR_K8S_BIN``; from a warm cache the script returns in well under a second. Without
+    ``build`` a missing cache raises FileNotFoundError instead of building.
     """
     env = os.environ.get("CONVEYOR_K8S_BIN")
     if env and _missing_binaries(Path(env)) == []:
         return Path(env)
-    if not build:
+    args = ["bash", str(BUILD_SCRIPT)] if build else ["bash", str(BUILD_SCRIPT), "--check"]
+    proc = subprocess.run(args, check=False, stdout=subprocess.PIPE, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
         raise FileNotFoundError(
-            f"Kubernetes test binaries not found; run {BUILD_SCRIPT} and export CONVEYOR_K8S_BIN"
+            f"Kubernetes test binaries not available ({' '.join(args)} exited "
+            f"{proc.returncode}); run {BUILD_SCRIPT}"
         )
-    out = subprocess.run(
-        ["bash", str(BUILD_SCRIPT)], check=True, stdout=subprocess.PIPE, text=True
-    ).stdout
-    return Path(out.strip().splitlines()[-1])
+    return Path(lines[-1])
+
+
+@contextlib.contextmanager
+def use_kubeconfig(path: Path | str) -> Iterator[None]:
+    """Point ``$KUBECONFIG`` and the kubernetes client's default at ``path`` inside the block.
+
+    The kubernetes package reads $KUBECONFIG once, at import, so Kopf's default login (which
+    piggybacks on that package) ignores a KUBECONFIG that a test sets later; patch both.
+    """
+    from kubernetes.config import kube_config
+
+    old_env = os.environ.get("KUBECONFIG")
+    old_default = kube_config.KUBE_CONFIG_DEFAULT_LOCATION
+    os.environ["KUBECONFIG"] = str(path)
+    kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(path)
+    try:
+        yield
+    finally:
+        kube_config.KUBE_CONFIG_DEFAULT_LOCATION = old_default
+        if old_env is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = old_env
 
 
 def _missing_binaries(bin_dir: Path) -> list[str]:
@@ -347,8 +376,11 @@ class K8sCluster:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self._requested_dir = Path(work_dir) if work_dir is not None else None
+        # A caller-supplied work_dir belongs to the caller and is never deleted.
         self.keep_dir = (
-            keep_dir if keep_dir is not None else os.environ.get("CONVEYOR_K8S_KEEP") == "1"
+            keep_dir
+            if keep_dir is not None
+            else work_dir is not None or os.environ.get("CONVEYOR_K8S_KEEP") == "1"
         )
         self.static_tokens = {user: secrets.token_hex(24) for user in static_users}
         self._static_groups = {user: tuple(groups) for user, groups in static_users.items()}
@@ -399,10 +431,12 @@ class K8sCluster:
             self._start_all(time.monotonic() + self.start_timeout)
         except BaseException as exc:
             logs = self.dump_logs()
-            where = self.work_dir
+            where = f"work dir {self.work_dir}" + (
+                "" if self.keep_dir else " removed; set CONVEYOR_K8S_KEEP=1 to keep it"
+            )
             self.stop()
             if isinstance(exc, ClusterError):
-                raise ClusterError(f"{exc}\n(work dir {where})\n{logs}") from None
+                raise ClusterError(f"{exc}\n({where})\n{logs}") from None
             raise
         self.start_seconds = time.monotonic() - t0
         return self
@@ -747,12 +781,15 @@ class K8sCluster:
 
     @staticmethod
     def _nodes_ready(core: k8s.CoreV1Api) -> bool:
+        # Ready alone is not enough: until node-lifecycle lifts the not-ready taint, new pods
+        # are unschedulable and then wait out the scheduler's backoff.
         nodes = core.list_node().items
         ready = [
             n
             for n in nodes
             if n.status
             and any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or ())
+            and not any(t.key.startswith("node.kubernetes.io/") for t in n.spec.taints or ())
         ]
         return bool(nodes) and len(ready) == len(nodes)
 
@@ -815,6 +852,20 @@ class K8sCluster:
         env["KUBECONFIG"] = str(kubeconfig or self.kubeconfig)
         env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"
         return env
+
+    def cert_kubeconfig(self, user: str, groups: Sequence[str] = ()) -> Path:
+        """Kubeconfig with a client certificate for any ``user``/``groups`` (O= fields)."""
+        if self._ca is None:
+            raise RuntimeError("cluster not started")
+        cert, key = self._ca.issue(user, groups)
+        return self._write_kubeconfig(
+            self.work_dir / f"cert-{user.replace(':', '_')}.kubeconfig",
+            user,
+            {
+                "client-certificate-data": base64.b64encode(cert).decode(),
+                "client-key-data": base64.b64encode(key).decode(),
+            },
+        )
 
     def user_kubeconfig(self, user: str) -> Path:
         """Kubeconfig for one of the static token users (see DEFAULT_STATIC_USERS)."""
@@ -928,11 +979,19 @@ class K8sCluster:
         chunks = []
         for path in sorted(self.log_dir.glob("*.log")) if self.log_dir != Path() else ():
             try:
-                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                tail = _tail(path, lines)
             except OSError as exc:
                 tail = [f"<unreadable: {exc}>"]
             chunks.append(f"===== {path.name} (last {len(tail)} lines) =====\n" + "\n".join(tail))
         return "\n".join(chunks)
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    # Logs of a long session reach many MB; only the end explains a failure.
+    with path.open("rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 256 * lines))
+        return f.read().decode(errors="replace").splitlines()[-lines:]
 
 
 def _create_if_missing(create: Callable[[], object]) -> None:
