@@ -26,7 +26,9 @@ def collected(queue: Queue) -> tuple[dict[str, Metric], dict[tuple[str, str], fl
     metrics, values = {}, {}
     for family in registry.collect():
         labels = frozenset(k for s in family.samples for k in s.labels)
-        metrics[family.name] = Metric(family.name, family.type, labels)
+        # Exposed names: prometheus_client strips a counter family's ``_total`` suffix.
+        name = f"{family.name}_total" if family.type == "counter" else family.name
+        metrics[name] = Metric(name, family.type, labels)
         for sample in family.samples:
             values[sample.name, sample.labels.get("priority", "")] = sample.value
     return metrics, values
@@ -50,6 +52,7 @@ def test_the_collector_exports_the_documented_queue_gauges(queue: Queue, redis_u
     assert values["conveyor_queue_in_flight_jobs", "normal"] == 1
     assert values["conveyor_queue_dead_jobs", "normal"] == 1
     assert values["conveyor_queue_ready_jobs", "critical"] == 0
+    assert values["conveyor_rate_limit_deferrals_total", "normal"] == 0
 
 
 def test_every_metric_the_chart_uses_is_exported_with_a_real_redis(queue: Queue) -> None:

@@ -125,11 +125,6 @@ def test_jobs_that_cannot_be_decoded_are_dead_lettered_once_and_the_worker_keeps
     assert_conserved(tracked.client, tracked.keys.queue, [*BAD_JOBS, *good])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="claim.lua skips a record with neither type, payload nor attempts as a deleted job: "
-    "it leaves the ready list but is never leased nor dead-lettered (reported to the lead)",
-)
 def test_a_record_holding_neither_type_nor_payload_is_dead_lettered_not_dropped(
     workers: Workers, tracked: Queue
 ) -> None:

@@ -158,7 +158,10 @@ def census(
     replies = iter(pipe.execute())
 
     paused = set(_decode(next(replies)))
-    counters = {k.decode(): int(v) for k, v in next(replies).items()}
+    # Only the size counters describe structures; ``deferred:`` and ``replayed:`` are totals.
+    counters = {
+        k.decode(): int(v) for k, v in next(replies).items() if k.startswith((b"ready:", b"dead:"))
+    }
     states: dict[str, set[str]] = {state: set() for state in STATES}
     states["dead"].update(_decode(next(replies)))
     filed_under: dict[str, set[str]] = defaultdict(set)

@@ -22,7 +22,7 @@ order as ``SCRIPT_KEY_NAMES`` below.
 | ``wake:<class>`` | list | wake-up tokens idle workers block on; never holds a job |
 | ``events`` | stream | every job transition, read by the history writer |
 | ``seq`` | string | counter behind job ids |
-| ``counts`` | hash | ``ready:<class>`` and ``dead:<class>`` counters (O(1) backlog) |
+| ``counts`` | hash | per class: ``ready:``/``dead:`` sizes, ``deferred:``/``replayed:`` totals |
 | ``workers`` | zset | worker ids scored (ms) by their last heartbeat |
 | ``worker:<id>`` | hash | one worker's identity, classes and busy slots |
 | ``schedule:<name>`` | string | last tick (ms) a recurring schedule enqueued |

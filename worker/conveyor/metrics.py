@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from conveyor.errors import ConveyorError
 
@@ -178,6 +178,14 @@ class QueueCollector:
                 labels=labels,
             ),
         }
+        deferrals = CounterMetricFamily(
+            "conveyor_rate_limit_deferrals",
+            "Times a group's next job waited for its rate limit (counted in Redis).",
+            labels=labels,
+        )
+        replayed = CounterMetricFamily(
+            "conveyor_jobs_replayed", "Dead letters replayed (counted in Redis).", labels=labels
+        )
         up = GaugeMetricFamily(
             "conveyor_redis_up", "1 when the last scrape reached Redis.", labels=("queue",)
         )
@@ -198,5 +206,9 @@ class QueueCollector:
             families["dead"].add_metric(key, row.dead)
             families["age"].add_metric(key, row.oldest_ready_age or 0.0)
             families["limited"].add_metric(key, row.limited_groups)
+            deferrals.add_metric(key, row.rate_limit_deferrals)
+            replayed.add_metric(key, row.replayed)
         yield up
         yield from families.values()
+        yield deferrals
+        yield replayed

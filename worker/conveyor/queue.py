@@ -42,6 +42,10 @@ class ClassStats:
     oldest_ready_age: float | None
     """Seconds the oldest ready job has waited (among the first 100 groups), or None."""
     limited_groups: int
+    rate_limit_deferrals: int = 0
+    """Times, since the queue was created, a group's next job waited for its rate limit."""
+    replayed: int = 0
+    """Dead letters of this class replayed since the queue was created."""
 
     @property
     def backlog(self) -> int:
@@ -128,6 +132,8 @@ def parse_stats(raw: list[Any]) -> list[ClassStats]:
                 dead=int(row[5]),
                 oldest_ready_age=None if oldest < 0 else max(0, now_ms - oldest) / 1000,
                 limited_groups=int(row[7]),
+                rate_limit_deferrals=int(row[8]),
+                replayed=int(row[9]),
             )
         )
     return out

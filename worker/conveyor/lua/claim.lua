@@ -82,8 +82,9 @@ local function lease(class, ids, leases)
   for _, id in ipairs(ids) do
     local key = K_JOB .. id
     local job = redis.call('HMGET', key, unpack(FIELDS))
-    -- A job hash deleted behind Conveyor's back leaves a dangling id: nothing to run.
-    if job[1] or job[2] or job[3] then
+    -- A job hash deleted behind Conveyor's back leaves a dangling id: nothing to run. A record
+    -- that exists but lacks its fields is leased all the same, so the worker dead-letters it.
+    if job[1] or job[2] or job[3] or redis.call('EXISTS', key) == 1 then
       local attempts = (tonumber(job[3]) or 0) + 1
       local token = prefix .. ':' .. fmt(claimed)
       redis.call('HSET', key, 's', 'active', 'a', fmt(attempts), 'lt', token, 'ld', fmt(deadline))
@@ -115,6 +116,7 @@ for _, class in ipairs(classes) do
       wait_until = admit(group)
       if wait_until > 0 then
         redis.call('ZADD', ready, fmt(wait_until), group)
+        count('deferred:' .. class, 1)
       else
         -- Groups take turns one job at a time; a group with no eligible rival (and no limit
         -- to count per job) may fill the rest of the batch in one pop.

@@ -20,6 +20,7 @@ for _, id in ipairs(ARGV) do
     redis.call('HSET', key, 's', 'queued', 'a', '0', 'rc', fmt(replays), 'qt', fmt(NOW_MS))
     redis.call('HDEL', key, 'dr', 'dt')
     count('dead:' .. class, -1)
+    count('replayed:' .. class, 1)
     make_ready(class, job[4] or '', id, false)
     emit('replayed', id, job[2], class, 0, fmt(replays))
     replayed[#replayed + 1] = id

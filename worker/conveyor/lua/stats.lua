@@ -2,12 +2,14 @@
 -- KEYS: the queue keyspace (see _prelude.lua)
 -- ARGV: the classes
 -- Returns: {now_ms, per class {class, ready, due_delayed, future_delayed, in_flight, dead,
---          oldest_ready_ms (-1: none), limited_groups}}
+--          oldest_ready_ms (-1: none), limited_groups, rate_limit_deferrals_total,
+--          replayed_total}}
 -- The oldest ready job is looked up among the first 100 groups of a class only, which bounds the
 -- cost of a stats call; with more groups it can under-report the age.
 local out = {NOW_MS}
 for _, class in ipairs(ARGV) do
-  local counts = redis.call('HMGET', K_COUNTS, 'ready:' .. class, 'dead:' .. class)
+  local counts = redis.call('HMGET', K_COUNTS, 'ready:' .. class, 'dead:' .. class,
+    'deferred:' .. class, 'replayed:' .. class)
   local delayed = K_DELAYED .. class
   local due = redis.call('ZCOUNT', delayed, '-inf', fmt(NOW_MS))
   local total_delayed = redis.call('ZCARD', delayed)
@@ -26,6 +28,7 @@ for _, class in ipairs(ARGV) do
   end
   local limited = redis.call('ZCOUNT', K_READY .. class, fmt(NOW_MS + 1), '+inf')
   out[#out + 1] = {class, tonumber(counts[1]) or 0, due, total_delayed - due,
-    redis.call('ZCARD', K_LEASE .. class), tonumber(counts[2]) or 0, oldest, limited}
+    redis.call('ZCARD', K_LEASE .. class), tonumber(counts[2]) or 0, oldest, limited,
+    tonumber(counts[3]) or 0, tonumber(counts[4]) or 0}
 end
 return out
