@@ -75,6 +75,8 @@ class QueueConfig:
     """Seconds a dead letter is kept before it is purged."""
     events_max: int = 1_000_000
     """Approximate cap of the event stream, bounding Redis memory if the history writer is down."""
+    starvation_bound: float = 10.0
+    """Seconds a lower class may wait behind busy higher classes before it gets one job (B22)."""
 
     def to_redis(self) -> dict[str, int]:
         return {
@@ -82,6 +84,7 @@ class QueueConfig:
             "dead_max": self.dead_max,
             "dead_ttl_ms": round(self.dead_retention * 1000),
             "events_max": self.events_max,
+            "starvation_ms": round(self.starvation_bound * 1000),
         }
 
 

@@ -39,12 +39,14 @@ end
 
 -- Queue-wide settings, read once per call; QueueConfig in config.py documents each one.
 local CONFIG = (function()
-  local raw = redis.call('HMGET', K_CONFIG, 'done_ttl_ms', 'dead_max', 'dead_ttl_ms', 'events_max')
+  local raw = redis.call('HMGET', K_CONFIG, 'done_ttl_ms', 'dead_max', 'dead_ttl_ms', 'events_max',
+    'starvation_ms')
   return {
     done_ttl_ms = tonumber(raw[1]) or 0,
     dead_max = tonumber(raw[2]) or 100000,
     dead_ttl_ms = tonumber(raw[3]) or 7 * 24 * 3600 * 1000,
     events_max = tonumber(raw[4]) or 1000000,
+    starvation_ms = tonumber(raw[5]) or 10000,
   }
 end)()
 

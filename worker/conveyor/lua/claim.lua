@@ -7,7 +7,8 @@
 --          {id, token, class, type, payload, attempts, max_attempts, timeout_ms, group,
 --          created_ms, queued_ms, version, lease_deadline_ms}; attempts already counts this run.
 --
--- Order: strict priority between classes; inside a class, groups take turns (a group that was
+-- Order: strict priority between classes, except that a class starved past the queue's
+-- starvation bound gets one job first; inside a class, groups take turns (a group that was
 -- served goes to the back of its class's rotation); inside a group, FIFO. A group over its rate
 -- limit is re-scored to the moment its limit allows and a paused group leaves the rotation, so
 -- neither ever stands in front of a claimable job.
@@ -99,10 +100,11 @@ local function lease(class, ids, leases)
   end
 end
 
-for _, class in ipairs(classes) do
+-- Claim from one class until `limit` jobs are claimed in all or the class has none ready.
+local function serve(class, limit)
   local ready = K_READY .. class
   local leases = {}
-  while claimed < n do
+  while claimed < limit do
     local heads = redis.call('ZRANGE', ready, 0, 1, 'WITHSCORES')
     if heads[1] == nil or tonumber(heads[2]) >= NOW_MS + 1 then
       break
@@ -122,7 +124,7 @@ for _, class in ipairs(classes) do
         -- to count per job) may fill the rest of the batch in one pop.
         local take = 1
         if alone and not limit_of(group) then
-          take = n - claimed
+          take = limit - claimed
         end
         local list = K_GROUP .. class .. ':' .. group
         local ids = redis.call('LPOP', list, take)
@@ -143,6 +145,20 @@ for _, class in ipairs(classes) do
   if #leases > 0 then
     redis.call('ZADD', K_LEASE .. class, unpack(leases))
   end
+end
+
+-- Aging (B22): strict priority alone would starve a lower class for as long as the higher ones
+-- stay busy. A lower class whose oldest group has waited past the starvation bound is served
+-- one job first; serving it moves that group to the back, so this repeats at most once per
+-- bound and the higher classes keep nearly all of the capacity.
+for i = 2, #classes do
+  local head = redis.call('ZRANGE', K_READY .. classes[i], 0, 0, 'WITHSCORES')
+  if claimed < n and head[2] and tonumber(head[2]) < NOW_MS - CONFIG.starvation_ms then
+    serve(classes[i], claimed + 1)
+  end
+end
+for _, class in ipairs(classes) do
+  serve(class, n)
 end
 
 -- Tell the worker how long it may sleep: until the earliest delayed job or rate-limited group.
