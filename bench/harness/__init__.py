@@ -1,0 +1,1 @@
+"""Peer-comparison benchmark harness for Conveyor (see bench/README.md)."""
