@@ -11,6 +11,7 @@ A failure is classified (connection refused, authentication, timeout, ...) so th
 from __future__ import annotations
 
 import asyncio
+import errno
 from dataclasses import dataclass
 from typing import cast
 
@@ -51,10 +52,23 @@ def _classify(exc: BaseException) -> BacklogUnavailable:
     if isinstance(exc, redis.exceptions.BusyLoadingError):
         return BacklogUnavailable("Loading", "Redis is loading its dataset")
     if isinstance(exc, redis.exceptions.ConnectionError):
-        if "refused" in text.lower():
+        if _refused(exc) or "refused" in text.lower():
             return BacklogUnavailable("ConnectionRefused", f"Redis refused the connection: {text}")
         return BacklogUnavailable("ConnectionFailed", f"cannot reach Redis: {text}")
     return BacklogUnavailable("RedisError", f"Redis answered with an error: {text}")
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a connection error comes from ECONNREFUSED: redis-py's message only says
+    ``Error 111``, so the reason is found on the chained OS error."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError) or getattr(seen, "errno", None) == (
+            errno.ECONNREFUSED
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class BacklogReader:

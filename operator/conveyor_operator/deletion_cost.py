@@ -26,13 +26,15 @@ SETTLE_SECONDS = 1.0
 
 async def annotate_for_scale_down(
     kube: Kube, reader: BacklogReader, target: RedisTarget, namespace: str, dep: Any
-) -> None:
+) -> str | None:
+    """Rank the Deployment's pods for the coming scale-down; returns why the operator may not
+    annotate pods (a 403), or None. Any other failure leaves the scale-down unranked."""
     selector = ",".join(f"{k}={v}" for k, v in dep.spec.selector.match_labels.items())
     try:
         busy = await reader.workers(target)
     except BacklogUnavailable as exc:
         log.warning("no worker heartbeats for deletion costs (%s); scaling down unranked", exc)
-        return
+        return None
     pods = await asyncio.to_thread(
         kube.core.list_namespaced_pod, namespace, label_selector=selector
     )
@@ -57,8 +59,9 @@ async def annotate_for_scale_down(
                     exc.reason,
                     extra={"event": "deletion_cost_forbidden"},
                 )
-                return
+                return f"patch of pods forbidden: {exc.reason}"
             if exc.status != 404:
                 raise
     if wrote:
         await asyncio.sleep(SETTLE_SECONDS)
+    return None

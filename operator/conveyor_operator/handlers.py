@@ -12,16 +12,16 @@ import logging
 from typing import Any, cast
 
 import kopf
-from kubernetes.client.exceptions import ApiException
 
 from conveyor.keys import PRIORITY_CLASSES
-from conveyor_operator import conditions, manifests
+from conveyor_operator import manifests
 from conveyor_operator.metrics import RECONCILES
 from conveyor_operator.runtime import runtime
 from conveyor_operator.spec import GROUP, PLURAL, VERSION, TaskQueueSpec, parse
 
 log = logging.getLogger(__name__)
-RETRY_CAP = 30.0
+RETRY_CAP = 20.0
+"""Longest wait between reconcile retries: a late Secret is served within this (K02)."""
 WATCH_TIMEOUT = 60.0
 """Set from the operator's settings before Kopf starts."""
 
@@ -32,14 +32,24 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = round(WATCH_TIMEOUT)
     settings.watching.client_timeout = round(WATCH_TIMEOUT + 10)
     settings.watching.connect_timeout = 10
+    # Kopf would otherwise watch every CRD in the cluster to notice new resource kinds, which
+    # needs cluster-wide CRD rights the chart does not grant (K12): without them it logs 403s
+    # for a minute before giving up. TaskQueues and Deployments are known at start-up.
+    settings.scanning.disabled = True
     settings.networking.request_timeout = 30
+    # A request still failing after these retries ends Kopf, and so the process: a watcher
+    # refused for good (a 403 after an RBAC change) must not leave a running, "healthy" but
+    # blind operator. Kopf's default retries for 54 s; K03 allows 60 s until a restart.
+    settings.networking.error_backoffs = (1, 2, 4, 8, 15)
     # Handler progress lives in annotations of the TaskQueue, never in a status Kopf could lose
     # to pruning, and never on Deployments or Pods.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="conveyor.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="conveyor.dev", key="last-handled-configuration"
     )
-    settings.posting.level = logging.WARNING
+    # The operator posts its own Events, aggregated (K02, K06); Kopf's would add one object per
+    # handler retry.
+    settings.posting.enabled = False
     # Kopf logs every successful handler call at INFO; on busy Deployments that would bury the
     # operator's own decisions.
     logging.getLogger("kopf.objects").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
@@ -71,15 +81,15 @@ def ensure_children(body: dict[str, Any], spec: TaskQueueSpec, *, initial: int =
         wanted = manifests.deployment(name, spec, cls)
         kopf.adopt(wanted, owner=cast(kopf.Body, body))
         dep_name = wanted["metadata"]["name"]
-        try:
-            live = kube.apps.read_namespaced_deployment(dep_name, namespace)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        live = kube.read_deployment(namespace, dep_name)
+        if live is None:
             wanted["spec"]["replicas"] = max(initial, cls.policy.min_replicas)
-            kube.apps.create_namespaced_deployment(namespace, wanted)
-            changed.append(f"created {dep_name}")
-            continue
+            if kube.create_deployment(namespace, wanted):
+                changed.append(f"created {dep_name}")
+                continue
+            # Created meanwhile by a concurrent pass (reconcile and drift repair race after a
+            # quick delete and re-create): check that one's template and owner instead.
+            live = kube.apps.read_namespaced_deployment(dep_name, namespace)
         drift = _template_mismatch(kube.api.sanitize_for_serialization(live), wanted)
         if drift:
             # A strategic merge patch without `replicas`: the scale belongs to the autoscaler.
@@ -103,14 +113,23 @@ def ensure_children(body: dict[str, Any], spec: TaskQueueSpec, *, initial: int =
             changed.append(f"adopted {dep_name}")
     svc = manifests.service(name, spec)
     kopf.adopt(svc, owner=cast(kopf.Body, body))
-    try:
-        kube.core.read_namespaced_service(svc["metadata"]["name"], namespace)
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
-        kube.core.create_namespaced_service(namespace, svc)
+    if kube.ensure_service(namespace, svc):
         changed.append(f"created {svc['metadata']['name']}")
     return changed
+
+
+def _still_wanted(owner: dict[str, Any]) -> bool:
+    """Whether a deleted child should come back. Not if its TaskQueue or its namespace is being
+    deleted: the garbage collector and the namespace controller remove children before the
+    TaskQueue's own DELETED event has necessarily reached this process."""
+    kube = runtime().kube
+    meta = owner["metadata"]
+    live = kube.read_taskqueue(meta["namespace"], meta["name"])
+    if live is None or live["metadata"].get("deletionTimestamp") is not None:
+        return False
+    return live["metadata"].get("uid") == meta.get("uid") and not kube.namespace_terminating(
+        meta["namespace"]
+    )
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -123,23 +142,13 @@ async def reconcile(body: kopf.Body, retry: int, **_: Any) -> None:
     meta = owner["metadata"]
     secret = await asyncio.to_thread(state.kube.read_secret, meta["namespace"], spec.secret_name)
     if secret is None:
-        message = f"Secret {spec.secret_name!r} not found in {meta['namespace']}"
-        await asyncio.to_thread(
-            state.kube.event, owner, "SecretNotFound", message, warning=True, aggregate=True
-        )
-        await asyncio.to_thread(
-            state.kube.patch_status,
-            meta["namespace"],
-            meta["name"],
-            {
-                "conditions": conditions.merge(
-                    [], conditions.ready(False, "SecretNotFound", message)
-                )
-            },
-        )
+        # The scaler reports the missing Secret (condition and one aggregated Event): a second
+        # report from here would overwrite its conditions and post a second Event (K02).
         RECONCILES.labels("waiting").inc()
-        raise kopf.TemporaryError(message, delay=min(RETRY_CAP, 2.0 * 2**retry))
-    state.kube.end_series(meta["namespace"], meta["name"], "SecretNotFound")
+        raise kopf.TemporaryError(
+            f"Secret {spec.secret_name!r} not found in {meta['namespace']}",
+            delay=min(RETRY_CAP, 2.0 * 2**retry),
+        )
     changed = await asyncio.to_thread(ensure_children, owner, spec)
     state.scaler.track(owner)
     RECONCILES.labels("ok").inc()
@@ -157,9 +166,12 @@ async def reconcile(body: kopf.Body, retry: int, **_: Any) -> None:
 def track(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     """Keeps the scaler's view of TaskQueues current, without storing any handler state."""
     scaler = runtime().scaler
-    if event.get("type") == "DELETED":
-        scaler.forget(body["metadata"]["namespace"], body["metadata"]["name"])
-    elif body.get("metadata", {}).get("deletionTimestamp") is None:
+    meta = body["metadata"]
+    if event.get("type") == "DELETED" or meta.get("deletionTimestamp") is not None:
+        # A TaskQueue being deleted (foreground deletion keeps it visible until its children
+        # are gone) is neither scaled nor repaired: that would fight the garbage collector.
+        scaler.forget(meta["namespace"], meta["name"])
+    else:
         scaler.track(dict(body))
 
 
@@ -177,6 +189,8 @@ async def repair(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         wanted = manifests.deployment(owner_name or "", known.spec, cls)
         if not _template_mismatch(dict(body), wanted):
             return
+    elif not await asyncio.to_thread(_still_wanted, known.body):
+        return
     current = {p: known.written.get(p, 0) for p in PRIORITY_CLASSES}
     changed = await asyncio.to_thread(
         ensure_children,

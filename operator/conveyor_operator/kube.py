@@ -31,6 +31,14 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def preload() -> None:
+    """Import the client's API modules now, while waiting for the Lease: the first use of
+    ``CoreV1Api`` alone costs seconds of CPU (its generated models), which would otherwise
+    delay the first poll after start-up or failover by as much."""
+    for name in ("CoreV1Api", "AppsV1Api", "CustomObjectsApi", "EventsV1Api", "AutoscalingV2Api"):
+        getattr(client, name)
+
+
 @dataclass
 class Kube:
     api: client.ApiClient
@@ -58,12 +66,81 @@ class Kube:
             raise
         return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
 
+    def read_taskqueue(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(
+                self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def namespace_terminating(self, namespace: str) -> bool:
+        try:
+            ns = self.core.read_namespace(namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return True
+            raise
+        return ns.metadata.deletion_timestamp is not None or (
+            ns.status is not None and ns.status.phase == "Terminating"
+        )
+
+    def read_deployment(self, namespace: str, name: str) -> Any:
+        """The Deployment, or None if it does not exist."""
+        try:
+            return self.apps.read_namespaced_deployment(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create_deployment(self, namespace: str, body: dict[str, Any]) -> bool:
+        """Create ``body``; False if a Deployment of that name appeared meanwhile (409)."""
+        try:
+            self.apps.create_namespaced_deployment(namespace, body)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    def ensure_service(self, namespace: str, body: dict[str, Any]) -> bool:
+        """Create the Service unless it exists; True if this call created it."""
+        try:
+            self.core.read_namespaced_service(body["metadata"]["name"], namespace)
+            return False
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        try:
+            self.core.create_namespaced_service(namespace, body)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
     def deployments(self, namespace: str, taskqueue: str) -> dict[str, Any]:
         """The TaskQueue's worker Deployments by name (label selector, one LIST)."""
         items = self.apps.list_namespaced_deployment(
             namespace, label_selector=f"conveyor.dev/taskqueue={taskqueue}"
         ).items
         return {d.metadata.name: d for d in items}
+
+    def autoscalers(self, namespace: str) -> dict[str, str]:
+        """Deployment name → ``HorizontalPodAutoscaler/<name>`` of every HPA targeting one."""
+        items = (
+            client.AutoscalingV2Api(self.api)
+            .list_namespaced_horizontal_pod_autoscaler(namespace)
+            .items
+        )
+        return {
+            hpa.spec.scale_target_ref.name: f"HorizontalPodAutoscaler/{hpa.metadata.name}"
+            for hpa in items
+            if hpa.spec.scale_target_ref.kind == "Deployment"
+        }
 
     def scale(self, namespace: str, deployment: str, replicas: int) -> None:
         self.apps.patch_namespaced_deployment_scale(

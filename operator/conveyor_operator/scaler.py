@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from kubernetes.client.exceptions import ApiException
 from redis.typing import EncodableT, FieldT
 
 from conveyor.errors import ConfigError
@@ -32,7 +33,8 @@ from conveyor_operator.metrics import LAST_POLL, POLL_ERRORS, SCALE_WRITES
 from conveyor_operator.spec import TaskQueueSpec, parse, rate_limits, schedules_of
 
 log = logging.getLogger(__name__)
-SECRET_BACKOFF_CAP = 30.0
+SECRET_BACKOFF_CAP = 20.0
+"""Longest wait between reads of a missing Secret (K02: served within 30 s of appearing)."""
 
 
 @dataclass
@@ -51,6 +53,12 @@ class Known:
     outage: str | None = None
     applied_limits: dict[str, str] = field(default_factory=dict)
     scheduler: Scheduler | None = None
+    cost_forbidden: str | None = None
+    """Why the last scale-down could not annotate pods, until one can again."""
+    conflicts: dict[str, str] = field(default_factory=dict)
+    """Classes whose Deployment another autoscaler targets, with that autoscaler's name."""
+    gone: bool = False
+    """Set when the TaskQueue is deleted: a poll still in flight must not write any more."""
 
 
 class Scaler:
@@ -72,24 +80,41 @@ class Scaler:
             entry.body, entry.spec = body, spec
 
     def forget(self, namespace: str, name: str) -> None:
-        self.known.pop((namespace, name), None)
+        entry = self.known.pop((namespace, name), None)
+        if entry is not None:
+            entry.gone = True
 
     async def run(self) -> None:
-        while True:
-            due = [k for k in self.known.values() if k.next_poll <= time.monotonic()]
-            for entry in due:
-                entry.next_poll = time.monotonic() + entry.spec.poll_interval
-                try:
-                    await self.poll(entry)
-                except Exception:
-                    meta = entry.body["metadata"]
-                    log.exception(
-                        "poll of %s/%s failed",
-                        meta["namespace"],
-                        meta["name"],
-                        extra={"event": "poll_failed"},
-                    )
-            await asyncio.sleep(0.2)
+        # Each TaskQueue polls in its own task: one whose Redis hangs until the probe timeout
+        # must not delay the scaling of every other TaskQueue.
+        polling: dict[tuple[str, str], asyncio.Task[None]] = {}
+        try:
+            while True:
+                now = time.monotonic()
+                for key, entry in list(self.known.items()):
+                    busy = polling.get(key)
+                    if (busy is None or busy.done()) and entry.next_poll <= now:
+                        entry.next_poll = now + entry.spec.poll_interval
+                        polling[key] = asyncio.create_task(self._poll_logged(entry))
+                for key in [k for k, task in polling.items() if task.done()]:
+                    del polling[key]
+                await asyncio.sleep(0.2)
+        finally:
+            for task in polling.values():
+                task.cancel()
+            await asyncio.gather(*polling.values(), return_exceptions=True)
+
+    async def _poll_logged(self, entry: Known) -> None:
+        try:
+            await self.poll(entry)
+        except Exception:
+            meta = entry.body["metadata"]
+            log.exception(
+                "poll of %s/%s failed",
+                meta["namespace"],
+                meta["name"],
+                extra={"event": "poll_failed"},
+            )
 
     async def poll(self, entry: Known) -> None:
         meta = entry.body["metadata"]
@@ -110,17 +135,79 @@ class Scaler:
                 name,
                 extra={"event": "redis_reachable", "taskqueue": name},
             )
-            self.kube.end_series(namespace, name, "RedisUnreachable")
+            self.kube.end_series(namespace, name, _event_reason(entry.outage))
             entry.outage = None
         await self._sync_queue(entry, target)
         deployments = await asyncio.to_thread(self.kube.deployments, namespace, name)
+        autoscalers = await asyncio.to_thread(self.kube.autoscalers, namespace)
+        conflicts = {}
         for priority in PRIORITY_CLASSES:
             dep = deployments.get(deployment_name(name, priority))
-            if dep is not None:
-                await self._scale_class(entry, priority, dep, stats[priority], target)
+            if dep is None:
+                continue
+            other = autoscalers.get(dep.metadata.name)
+            if other is not None:
+                conflicts[priority] = other
+                continue
+            await self._scale_class(entry, priority, dep, stats[priority], target)
+        await self._report_conflicts(entry, conflicts)
         await self._write_status(
-            entry, stats, deployments, conditions.reachable(True, "Polled", "backlog read")
+            entry,
+            stats,
+            deployments,
+            conditions.reachable(True, "Polled", "backlog read"),
+            _scaling_condition(entry),
         )
+
+    async def _report_cost_forbidden(self, entry: Known, forbidden: str | None) -> None:
+        """Scale-downs go on unranked without the right to annotate pods (K12); say so once,
+        and stop saying so as soon as an annotation succeeds again."""
+        meta = entry.body["metadata"]
+        if forbidden is None:
+            if entry.cost_forbidden is not None:
+                self.kube.end_series(meta["namespace"], meta["name"], "DeletionCostForbidden")
+            entry.cost_forbidden = None
+            return
+        if entry.cost_forbidden is None and not entry.gone:
+            await asyncio.to_thread(
+                self.kube.event,
+                entry.body,
+                "DeletionCostForbidden",
+                f"{forbidden}; scaling down without ranking busy pods last",
+                warning=True,
+                aggregate=True,
+            )
+        entry.cost_forbidden = forbidden
+
+    async def _report_conflicts(self, entry: Known, conflicts: dict[str, str]) -> None:
+        """Another autoscaler owns some classes' replicas (K07): stop writing them, and say so
+        once per conflict rather than fighting it every poll."""
+        meta = entry.body["metadata"]
+        for priority in conflicts:
+            # Its size is the other autoscaler's now: no ExternalScale event once it goes away.
+            entry.written.pop(priority, None)
+            entry.histories.pop(priority, None)
+        new = {p: o for p, o in conflicts.items() if entry.conflicts.get(p) != o}
+        if set(entry.conflicts) - set(conflicts):
+            self.kube.end_series(meta["namespace"], meta["name"], "ConflictingAutoscaler")
+        entry.conflicts = dict(conflicts)
+        if new and not entry.gone:
+            note = "; ".join(f"{p}: {o}" for p, o in sorted(new.items()))
+            log.warning(
+                "%s/%s: another autoscaler targets worker Deployments (%s); not scaling them",
+                meta["namespace"],
+                meta["name"],
+                note,
+                extra={"event": "conflicting_autoscaler", "taskqueue": meta["name"]},
+            )
+            await asyncio.to_thread(
+                self.kube.event,
+                entry.body,
+                "ConflictingAutoscaler",
+                f"{note}; the operator stops writing these classes' replicas",
+                warning=True,
+                aggregate=True,
+            )
 
     async def _target(self, entry: Known) -> RedisTarget | None:
         meta = entry.body["metadata"]
@@ -177,6 +264,9 @@ class Scaler:
     async def _redis_down(self, entry: Known, reason: str, message: str) -> None:
         meta = entry.body["metadata"]
         POLL_ERRORS.labels(meta["namespace"], meta["name"], reason).inc()
+        if entry.outage is not None and entry.outage != reason:
+            # A different fault is a different Event (its reason may differ too).
+            self.kube.end_series(meta["namespace"], meta["name"], _event_reason(entry.outage))
         if entry.outage != reason:
             log.warning(
                 "%s/%s: backlog unavailable (%s): %s; holding replicas",
@@ -187,10 +277,12 @@ class Scaler:
                 extra={"event": "redis_unreachable", "taskqueue": meta["name"]},
             )
             entry.outage = reason
+        if entry.gone:
+            return
         await asyncio.to_thread(
             self.kube.event,
             entry.body,
-            "RedisUnreachable",
+            _event_reason(reason),
             f"{reason}: {message}; replicas held",
             warning=True,
             aggregate=True,
@@ -229,11 +321,26 @@ class Scaler:
         if not decision.changes(current):
             entry.written.setdefault(priority, current)
             return
-        if decision.replicas < current:
-            await annotate_for_scale_down(self.kube, self.reader, target, namespace, dep)
-        await asyncio.to_thread(self.kube.scale, namespace, dep.metadata.name, decision.replicas)
+        if entry.gone:
+            return
+        if 0 < decision.replicas < current:
+            # Ranking matters only when some pods stay; a scale to zero removes them all.
+            forbidden = await annotate_for_scale_down(
+                self.kube, self.reader, target, namespace, dep
+            )
+            await self._report_cost_forbidden(entry, forbidden)
+        try:
+            await asyncio.to_thread(
+                self.kube.scale, namespace, dep.metadata.name, decision.replicas
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            return  # deleted by hand since the listing; drift repair re-creates it
         SCALE_WRITES.labels(namespace, name, priority).inc()
         entry.written[priority] = decision.replicas
+        # The status this poll writes then shows the new size, not the one listed before it.
+        dep.spec.replicas = decision.replicas
         class_status["lastScaleTime"] = now().isoformat().replace("+00:00", "Z")
         class_status["lastScaleReason"] = decision.reason
         log.info(
@@ -259,6 +366,7 @@ class Scaler:
         stats: dict[str, ClassStats],
         deployments: dict[str, Any],
         reachable: dict[str, Any],
+        scaling: dict[str, Any],
     ) -> None:
         name = entry.body["metadata"]["name"]
         classes: dict[str, Any] = {}
@@ -297,14 +405,43 @@ class Scaler:
                 entry.last_status.get("conditions", []),
                 reachable,
                 ready_condition,
-                conditions.scaling(True, "Active", "autoscaler in control"),
+                scaling,
             ),
         }
         await self._patch_status(entry, status)
 
     async def _patch_status(self, entry: Known, status: dict[str, Any]) -> None:
-        if status == entry.last_status:
+        if status == entry.last_status or entry.gone:
             return
         meta = entry.body["metadata"]
-        await asyncio.to_thread(self.kube.patch_status, meta["namespace"], meta["name"], status)
+        try:
+            await asyncio.to_thread(self.kube.patch_status, meta["namespace"], meta["name"], status)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            # Deleted while this poll ran; its DELETED event removes it from the loop.
+            return
         entry.last_status = status
+
+
+def _scaling_condition(entry: Known) -> dict[str, Any]:
+    if entry.conflicts:
+        return conditions.scaling(
+            False,
+            "ConflictingAutoscaler",
+            "; ".join(f"{p}: {other}" for p, other in sorted(entry.conflicts.items()))
+            + "; replicas of these classes are left to the other autoscaler",
+        )
+    if entry.cost_forbidden:
+        return conditions.scaling(
+            True,
+            "DeletionCostForbidden",
+            f"{entry.cost_forbidden}; busy pods are not protected on scale-down",
+        )
+    return conditions.scaling(True, "Active", "autoscaler in control")
+
+
+def _event_reason(outage: str) -> str:
+    """The Event reason for a poll failure: a missing Secret is named as such (K02), every
+    Redis fault shares one reason so that an outage is one aggregated Event (K06)."""
+    return "SecretNotFound" if outage == "SecretNotFound" else "RedisUnreachable"
