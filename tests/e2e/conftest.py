@@ -181,11 +181,29 @@ class ControlPlane:
     operator_kubeconfig: Path
 
 
+_built: list[Path | BaseException] = []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The build runs here, before any test starts its timeout: cold, it takes tens of minutes
+    # (warm, well under a second). Only when a selected test needs the control plane.
+    if _built or not any("control_plane" in getattr(i, "fixturenames", ()) for i in items):
+        return
+    try:
+        _built.append(find_bin_dir(build=True))
+    except (FileNotFoundError, OSError) as exc:
+        _built.append(exc)
+
+
 @pytest.fixture(scope="session")
 def k8s_bin_dir() -> Path:
-    # Builds on a cold machine (tens of minutes) and is instant when cached. A failed build
-    # raises here and errors every test of the tier: never a skip, which would pass on nothing.
-    return find_bin_dir(build=True)
+    # A failed build errors every test of the tier: never a skip, which would pass on nothing.
+    if not _built:
+        _built.append(find_bin_dir(build=True))
+    found = _built[0]
+    if isinstance(found, BaseException):
+        raise found
+    return found
 
 
 @pytest.fixture(scope="session")
