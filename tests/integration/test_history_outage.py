@@ -113,7 +113,11 @@ def test_history_catches_up_completely_after_postgres_comes_back(
         before = expected_rows(redis_client, queue)
 
         async def stored_before() -> bool:
-            return await stored_rows(own_postgres.url) == before
+            # The writer creates its schema when it starts; until then nothing is stored yet.
+            try:
+                return await stored_rows(own_postgres.url) == before
+            except psycopg.errors.UndefinedTable:
+                return False
 
         await until(stored_before, 10)
         await asyncio.to_thread(own_postgres.stop)
