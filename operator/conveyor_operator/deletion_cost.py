@@ -38,30 +38,42 @@ async def annotate_for_scale_down(
     pods = await asyncio.to_thread(
         kube.core.list_namespaced_pod, namespace, label_selector=selector
     )
-    wrote = False
+    stale = []
     for pod in pods.items:
         slots, _ = busy.get(pod.metadata.name, (0, ""))
         cost = str(BUSY_COST + slots if slots else 0)
-        if (pod.metadata.annotations or {}).get(DELETION_COST) == cost:
-            continue
-        try:
-            await asyncio.to_thread(
-                kube.core.patch_namespaced_pod,
-                pod.metadata.name,
-                namespace,
-                {"metadata": {"annotations": {DELETION_COST: cost}}},
-            )
-            wrote = True
-        except ApiException as exc:
-            if exc.status == 403:
-                log.warning(
-                    "not allowed to annotate pods (%s); scaling down unranked",
-                    exc.reason,
-                    extra={"event": "deletion_cost_forbidden"},
-                )
-                return f"patch of pods forbidden: {exc.reason}"
-            if exc.status != 404:
-                raise
-    if wrote:
+        if (pod.metadata.annotations or {}).get(DELETION_COST) != cost:
+            stale.append((pod.metadata.name, cost))
+    # In parallel (bounded by the default thread pool): one at a time, the patches of a large
+    # Deployment would hold its scale-down back by seconds.
+    refused = [
+        reason
+        for reason in await asyncio.gather(
+            *(asyncio.to_thread(_annotate, kube, namespace, pod, cost) for pod, cost in stale)
+        )
+        if reason is not None
+    ]
+    if refused:
+        log.warning(
+            "not allowed to annotate pods (%s); scaling down unranked",
+            refused[0],
+            extra={"event": "deletion_cost_forbidden"},
+        )
+        return f"patch of pods forbidden: {refused[0]}"
+    if stale:
         await asyncio.sleep(SETTLE_SECONDS)
+    return None
+
+
+def _annotate(kube: Kube, namespace: str, pod: str, cost: str) -> str | None:
+    """Set one pod's deletion cost; returns the reason of a 403, None otherwise."""
+    try:
+        kube.core.patch_namespaced_pod(
+            pod, namespace, {"metadata": {"annotations": {DELETION_COST: cost}}}
+        )
+    except ApiException as exc:
+        if exc.status == 403:
+            return str(exc.reason)
+        if exc.status != 404:
+            raise
     return None
