@@ -4,13 +4,8 @@ per outage), cheaply (no hot loop), and without losing or repeating a job."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-import redis
-
-from conveyor.config import QueueConfig
 from conveyor.local import RedisServer
 from conveyor.queue import Queue
 from tests.support.workers import (
@@ -27,23 +22,6 @@ from tests.support.workers import (
 pytest_plugins = ["tests.support.worker_fixtures"]
 
 OUTAGE = 3.0
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A Redis this test may stop and restart; AOF keeps the queue across the restart."""
-    server = RedisServer(appendonly=True).start()
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture
-def own_queue(own_redis: RedisServer, queue_name: str) -> Iterator[Queue]:
-    client = redis.Redis(port=own_redis.port)
-    queue = Queue(client, queue_name)
-    queue.configure(QueueConfig(done_retention=3600))
-    yield queue
-    client.close()
 
 
 def _warnings(worker: WorkerProcess, pid: int) -> list[str]:

@@ -11,7 +11,6 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from conveyor.local import RedisServer
 from conveyor.queue import Queue
 from tests.support.proxy import TcpProxy
 from tests.support.workers import (
@@ -29,18 +28,6 @@ pytest_plugins = ["tests.support.worker_fixtures"]
 
 GRACE = float(DEFAULTS["grace"])
 LONG = [pytest.mark.slow, pytest.mark.timeout(1800)]
-
-# Keeps Redis busy for ARGV[1] microseconds and reports the job's state when it began: every
-# command sent meanwhile (the worker's claim) waits in its socket until the script ends.
-STALL = """
-local state = redis.call('HGET', KEYS[1], 's')
-local t = redis.call('TIME')
-local stop = tonumber(t[1]) * 1000000 + tonumber(t[2]) + tonumber(ARGV[1])
-repeat
-  t = redis.call('TIME')
-until tonumber(t[1]) * 1000000 + tonumber(t[2]) >= stop
-return state
-"""
 
 
 def _blocked_in_fetch(client: redis.Redis, worker: WorkerProcess, *, proxied: bool = False) -> None:
@@ -150,37 +137,34 @@ def test_sigterm_while_a_claim_is_in_flight_neither_loses_the_job_nor_spends_an_
     tracked: Queue,
     job_ledger: Ledger,
     redis_client: redis.Redis,
-    redis_server: RedisServer,
 ) -> None:
-    """The worker has sent its claim when SIGTERM arrives; Redis executes it afterwards.
+    """Redis has leased the job to the worker (its wait ended and the claim queued behind it
+    ran) but the reply has not reached the worker when SIGTERM arrives.
 
-    The worker talks through a proxy that holds its requests for 50 ms, so the stall that the
-    test sends right after the enqueue always reaches Redis before the worker's claim.
+    The worker talks through a proxy that holds every reply for 0.5 s; the test checks in
+    Redis that the job is leased before it sends SIGTERM, so the race is real every time.
     """
-    staller = redis.Redis(port=redis_server.port)
-    connection = staller.connection_pool.get_connection()
-    proxy = TcpProxy(redis_server.port).start()
+    proxy = TcpProxy(redis_client.connection_pool.connection_kwargs["port"]).start()
     accepted = []
     try:
         for i in range(3):
-            proxy.request_delay = 0
+            proxy.response_delay = 0
             worker = workers.start(redis_url=proxy.url)
             _blocked_in_fetch(redis_client, worker, proxied=True)
-            proxy.request_delay = 0.05
+            proxy.response_delay = 0.5
             job_id = tracked.enqueue("noop", {"i": i}).id
-            stall = ("EVAL", STALL, 1, tracked.keys.job(job_id), 600_000)
-            connection.send_command(*stall)  # type: ignore[no-untyped-call]
-            time.sleep(0.2)
-            worker.signal(signal.SIGTERM)
-            state_at_stall = connection.read_response()
             accepted.append(job_id)
-            assert state_at_stall == b"queued", "the claim ran before the stall began"
+            wait_until(
+                lambda j=job_id: redis_client.hget(tracked.keys.job(j), "s") == b"active",  # type: ignore[misc]
+                0.4,
+                "the claim to lease the job",
+            )
+            worker.signal(signal.SIGTERM)
 
             assert worker.wait(GRACE + 5) == 0
+            assert redis_client.hget(tracked.keys.job(job_id), "s") == b"queued"
             assert_conserved(redis_client, tracked.keys.queue, accepted)
     finally:
-        staller.connection_pool.release(connection)
-        staller.close()
         proxy.stop()
 
     started = time.monotonic()

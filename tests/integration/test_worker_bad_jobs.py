@@ -136,3 +136,37 @@ def test_a_record_holding_neither_type_nor_payload_is_dead_lettered_not_dropped(
     wait_until(lambda: tracked.get_job("bare").state == "dead", 3, "the bare record's dead letter")
     assert tracked.get_job("bare").dead_reason == "invalid_job"
     assert_conserved(tracked.client, tracked.keys.queue, ["bare", good])
+
+
+def test_a_foreign_job_whose_id_is_not_utf8_runs_and_is_acknowledged(
+    workers: Workers, tracked: Queue, job_ledger: Ledger
+) -> None:
+    """A client in another language may write ids in any encoding: the worker keeps the id's
+    bytes as they are, so the run is acknowledged against the right record."""
+    worker = workers.start()
+    process = worker.child()
+    job_id = b"foreign-\xff\xfe"
+    keys = tracked.keys
+    seconds, micros = tracked.client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    pipe = tracked.client.pipeline(transaction=True)
+    pipe.hset(
+        keys.job("").encode() + job_id,
+        mapping={"v": "1", "t": "noop", "p": b"{}", "c": "normal", "ct": now_ms, "s": "queued"},
+    )
+    pipe.rpush(keys.group("normal", ""), job_id)
+    pipe.hincrby(keys.counts, "ready:normal", 1)
+    pipe.zadd(keys.ready("normal"), {"": now_ms}, nx=True)
+    pipe.rpush(keys.wake("normal"), "1")
+    pipe.execute()
+    good = tracked.enqueue("noop", {}).id
+
+    wait_until(lambda: len(job_ledger.rows()) == 2, 10, "both jobs to run")
+    wait_until(
+        lambda: tracked.client.hget(keys.job("").encode() + job_id, "s") == b"done",
+        5,
+        "the foreign job's ack",
+    )
+    assert tracked.get_job(good).state == "done"
+    assert worker.child() == process
+    assert not worker.logs(event="claimer_crashed")

@@ -147,6 +147,7 @@ def census(
     pipe.smembers(keys.paused)
     pipe.hgetall(keys.counts)
     pipe.zrange(keys.dead, 0, -1)
+    pipe.hgetall(keys.dead_class)
     for priority in classes:
         pipe.zrange(keys.ready(priority), 0, -1)
         pipe.zrange(keys.delayed(priority), 0, -1)
@@ -164,6 +165,7 @@ def census(
     }
     states: dict[str, set[str]] = {state: set() for state in STATES}
     states["dead"].update(_decode(next(replies)))
+    dead_class = {k.decode(): v.decode() for k, v in next(replies).items()}
     filed_under: dict[str, set[str]] = defaultdict(set)
     rotation: dict[str, set[str]] = {}
     for priority in classes:
@@ -192,7 +194,9 @@ def census(
     states["done"].update(job_id for job_id, (s, _) in records.items() if s == "done")
     for priority in classes:
         expected[f"dead:{priority}"] = sum(
-            1 for job_id in states["dead"] if records.get(job_id, ("", ""))[1] == priority
+            1
+            for job_id in states["dead"]
+            if dead_class.get(job_id, records.get(job_id, ("", ""))[1]) == priority
         )
     return Census(
         states=states,

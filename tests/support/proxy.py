@@ -1,7 +1,8 @@
 """A TCP proxy on 127.0.0.1 that a test owns, to break a worker's Redis connections on cue.
 
 The proxy runs its own asyncio loop in a background thread. In ``pass`` mode it forwards bytes
-both ways, optionally holding each client-to-server chunk for ``request_delay`` seconds, and
+both ways, optionally holding each client-to-server chunk for ``request_delay`` seconds and
+each server-to-client chunk for ``response_delay`` seconds, and
 passes a client's close on as a FIN after the data, as a direct connection would.
 ``blackhole`` keeps every connection open but forwards nothing, like a peer that vanished
 without a FIN: the client only notices through its own timeouts. ``reset`` aborts every open
@@ -49,6 +50,7 @@ class TcpProxy:
         self.port = 0
         self.mode: Mode = "pass"
         self.request_delay = 0.0
+        self.response_delay = 0.0
         self.connections_seen = 0
         self._links: set[_Link] = set()
         self._loop = asyncio.new_event_loop()
@@ -73,6 +75,11 @@ class TcpProxy:
     def set_mode(self, mode: Mode) -> None:
         """Switch mode; ``blackhole`` and ``reset`` also act on already open connections."""
         self._call(self._switch(mode))
+
+    def freeze_open(self) -> int:
+        """Blackhole only the connections open now; new ones still pass. Returns how many."""
+        frozen: Future[int] = asyncio.run_coroutine_threadsafe(self._freeze_open(), self._loop)
+        return frozen.result(5)
 
     def __enter__(self) -> TcpProxy:
         return self.start()
@@ -108,6 +115,11 @@ class TcpProxy:
             elif mode == "blackhole":
                 link.frozen = True
 
+    async def _freeze_open(self) -> int:
+        for link in self._links:
+            link.frozen = True
+        return len(self._links)
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections_seen += 1
         if self.mode == "reset":
@@ -139,6 +151,8 @@ class TcpProxy:
                     continue  # swallowed: the peer never hears of it
                 if upstream and self.request_delay:
                     await asyncio.sleep(self.request_delay)
+                elif not upstream and self.response_delay:
+                    await asyncio.sleep(self.response_delay)
                 dst.write(data)
                 await dst.drain()
             if not link.frozen and dst.can_write_eof():

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 import redis
 
-from conveyor.errors import RetryableError
+from conveyor.errors import PermanentError, RetryableError
 from conveyor.job import Job
 from conveyor.registry import task
 
@@ -49,6 +49,8 @@ def record(job: Job, outcome: str, t_start: float, **extra: Any) -> None:
         "outcome": outcome,
         **extra,
     }
+    # Ids a foreign client wrote in another encoding come back with surrogate escapes.
+    entry["job_id"] = job.id.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     _client().rpush(os.environ["CONVEYOR_TEST_LEDGER"], orjson.dumps(entry))
 
 
@@ -227,3 +229,28 @@ def _recurse(depth: int, message: str) -> None:
 
 def _rows() -> list[dict[str, Any]]:
     return [orjson.loads(e) for e in _client().lrange(os.environ["CONVEYOR_TEST_LEDGER"], 0, -1)]
+
+
+@task("storm")
+async def storm(job: Job) -> None:
+    """The storm tests' mixed job, by ``kind``: ``ok`` sleeps ``seconds`` (0: none) and
+    succeeds; ``fail_once`` fails its attempt 1; ``always_fail`` fails every attempt;
+    ``permanent`` raises ``PermanentError``. Every run records ``started`` first, so a run cut
+    off by a kill or a drain still shows in the ledger, and a drain's cancellation is recorded
+    with its message."""
+    start = time.time()
+    record(job, "started", start)
+    kind = job.payload["kind"]
+    try:
+        if seconds := float(job.payload.get("seconds", 0)):
+            await asyncio.sleep(seconds)
+    except asyncio.CancelledError as exc:
+        record(job, "cancelled", start, reason=str(exc.args[0]) if exc.args else "")
+        raise
+    if kind == "permanent":
+        record(job, "permanent", start)
+        raise PermanentError("this job can never succeed")
+    if kind == "always_fail" or (kind == "fail_once" and job.attempt == 1):
+        record(job, "error", start)
+        raise RuntimeError(f"failing attempt {job.attempt}")
+    record(job, "ok", start)

@@ -69,5 +69,6 @@ def test_script_keys_are_the_key_helpers_prefixes() -> None:
     assert keys.lease("low") == slots["lease:"] + "low"
     assert keys.dedup("k") == slots["dedup:"] + "k"
     assert keys.dead == slots["dead"]
+    assert keys.dead_class == slots["dead_class"]
     assert keys.counts == slots["counts"]
     assert keys.config == slots["config"]

@@ -6,6 +6,8 @@ Nothing reads the environment at import time.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import socket
 from collections.abc import Mapping
@@ -125,7 +127,9 @@ class WorkerSettings(_FromEnv):
     import_path: tuple[str, ...] = setting(
         (), "Modules to import for their @task handlers, comma-separated.", env="CONVEYOR_IMPORT"
     )
-    worker_name: str = setting("", "Identity in heartbeats; defaults to host:pid.")
+    worker_name: str = setting(
+        "", "Name in heartbeats, before ':<pid>'; defaults to the pod name, else the host name."
+    )
     pod_name: str = setting("", "Kubernetes pod name (downward API).", env="POD_NAME")
     metrics_port: int = setting(0, "Port of the Prometheus and health endpoint; 0 disables it.")
     metrics_host: str = setting(
@@ -148,6 +152,13 @@ class WorkerSettings(_FromEnv):
             raise ConfigError("lease_ttl and sweep_interval must be > 0, grace >= 0")
         if self.log_format not in ("text", "json"):
             raise ConfigError("log_format must be text or json")
+        for name in ("grace", "lease_ttl", "heartbeat", "sweep_interval", "kill_grace"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number of seconds")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("metrics_port must be between 0 and 65535")
+        if not isinstance(logging.getLevelName(self.log_level.upper()), int):
+            raise ConfigError(f"log_level {self.log_level!r} is not a logging level")
 
     @property
     def heartbeat_interval(self) -> float:
@@ -155,4 +166,10 @@ class WorkerSettings(_FromEnv):
 
     @property
     def identity(self) -> str:
-        return self.worker_name or self.pod_name or f"{socket.gethostname()}:{os.getpid()}"
+        return self.identity_of(os.getpid())
+
+    def identity_of(self, pid: int) -> str:
+        """The identity of the worker process ``pid`` started with these settings. The pid is
+        always part of it: the processes of one pod share its name, and lease tokens (which
+        begin with the identity) must differ between processes."""
+        return f"{self.worker_name or self.pod_name or socket.gethostname()}:{pid}"

@@ -73,4 +73,13 @@ def translate_redis_error(exc: redis.exceptions.RedisError, operation: str) -> B
         return BackendUnavailable(f"Redis unreachable during {operation}: {exc}")
     if isinstance(exc, redis.exceptions.BusyLoadingError):
         return BackendUnavailable(f"Redis is loading its dataset during {operation}")
+    if isinstance(exc, redis.exceptions.ReadOnlyError) or any(
+        code in str(exc) for code in _FAILOVER_CODES
+    ):
+        # A primary that was demoted, or that has too few replicas to accept writes: the
+        # state of a failover in progress, which retrying (on the new primary) gets past.
+        return BackendUnavailable(f"Redis refused {operation} during a failover: {exc}")
     return BackendError(f"Redis error during {operation}: {exc}")
+
+
+_FAILOVER_CODES = ("READONLY", "NOREPLICAS", "MASTERDOWN")

@@ -46,10 +46,15 @@ def prepare(claimed: Claimed, registry: Registry) -> Prepared:
     if claimed.type is None or claimed.payload is None:
         raise Poison("invalid_job", "job record lacks its type or payload")
     if claimed.version != SCHEMA_VERSION:
-        raise Poison("invalid_job", f"job schema version {claimed.version!r} is not supported")
+        raise Poison("invalid_job", f"job schema version {claimed.version!r:.40} is not supported")
+    if claimed.malformed:
+        raise Poison("invalid_job", f"job record is malformed: {claimed.malformed}")
     task = registry.get(claimed.type)
     if task is None:
-        raise Poison("unknown_job_type", f"no handler registered for job type {claimed.type!r}")
+        # A foreign record's type can be megabytes long: the message shows enough to find it.
+        raise Poison(
+            "unknown_job_type", f"no handler registered for job type {claimed.type!r:.200}"
+        )
     try:
         payload = orjson.loads(claimed.payload)
     except orjson.JSONDecodeError as exc:

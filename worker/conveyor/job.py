@@ -6,7 +6,6 @@ replayed dead letter carries a byte-identical payload.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,6 +20,11 @@ DEFAULT_PRIORITY = "normal"
 DEFAULT_MAX_PAYLOAD = 512 * 1024
 SCHEMA_VERSION = "1"
 _MAX_NAME = 200
+MAX_SECONDS = 100 * 365 * 24 * 3600
+"""Longest timeout, delay, deduplication window or backoff: a century. Larger values would
+reach Lua as milliseconds beyond what its numbers and Redis's expiry times represent exactly
+(a delay of 1e300 s came due at once, a window of 1e300 s failed inside enqueue.lua)."""
+MAX_ATTEMPTS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,9 @@ class Backoff:
     jitter: bool = True
 
     def __post_init__(self) -> None:
-        if not (self.base >= 0 and self.cap >= self.base and math.isfinite(self.cap)):
+        _check_number("backoff base", self.base, minimum=0)
+        _check_number("backoff cap", self.cap, minimum=0)
+        if self.cap < self.base:
             raise InvalidJob(f"backoff needs 0 <= base <= cap, got base={self.base} cap={self.cap}")
 
 
@@ -71,11 +77,15 @@ class JobSpec:
             raise InvalidJob(
                 f"priority must be one of {', '.join(PRIORITY_CLASSES)}, got {self.priority!r}"
             )
-        _check_number("max_attempts", self.max_attempts, minimum=1, integer=True)
+        _check_number(
+            "max_attempts", self.max_attempts, minimum=1, maximum=MAX_ATTEMPTS, integer=True
+        )
         _check_number("timeout", self.timeout, minimum=0.001)
         _check_number("delay", self.delay, minimum=0)
         _check_number("dedup_window", self.dedup_window, minimum=0.001)
         if self.run_at is not None:
+            if not isinstance(self.run_at, datetime):
+                raise InvalidJob(f"run_at must be a datetime, got {self.run_at!r:.40}")
             if self.delay:
                 raise InvalidJob("give either delay or run_at, not both")
             if self.run_at.tzinfo is None:
@@ -83,7 +93,15 @@ class JobSpec:
 
     def template(self) -> tuple[str | int, ...]:
         """The 13-field spec enqueue.lua shares across a run of jobs (payload and dedup key
-        travel per job, so their slots are left empty)."""
+        travel per job, so their slots are left empty). Kept once computed: a bulk enqueue
+        copies one spec's fields, this one included, into every job it sends."""
+        cached: tuple[str | int, ...] | None = self.__dict__.get("_template")
+        if cached is None:
+            cached = self._template_fields()
+            object.__setattr__(self, "_template", cached)
+        return cached
+
+    def _template_fields(self) -> tuple[str | int, ...]:
         run_at_ms = 0 if self.run_at is None else max(1, int(self.run_at.timestamp() * 1000))
         return (
             self.type,
@@ -126,15 +144,28 @@ def _check_name(what: str, value: object, *, required: bool = False) -> None:
         raise InvalidJob(f"{what} must not be empty")
     if len(value) > _MAX_NAME or any(c in value for c in "\n\r\0"):
         raise InvalidJob(f"{what} must be at most {_MAX_NAME} characters on one line")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidJob(f"{what} is not valid UTF-8 text: {exc.reason}") from exc
 
 
-def _check_number(what: str, value: object, *, minimum: float, integer: bool = False) -> None:
+def _check_number(
+    what: str,
+    value: object,
+    *,
+    minimum: float,
+    maximum: float = MAX_SECONDS,
+    integer: bool = False,
+) -> None:
     valid_type = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, valid_type):
         kind = "an integer" if integer else "a number"
-        raise InvalidJob(f"{what} must be {kind}, got {value!r}")
-    if not (math.isfinite(value) and value >= minimum):
-        raise InvalidJob(f"{what} must be >= {minimum}, got {value!r}")
+        raise InvalidJob(f"{what} must be {kind}, got {value!r:.40}")
+    # Compared as given: a huge int never goes through float(), which would overflow.
+    if not (minimum <= value <= maximum):
+        raise InvalidJob(f"{what} must be between {minimum} and {maximum:g}, got {value!r:.40}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,9 +216,17 @@ class JobInfo:
             value = raw.get(name.encode())
             return default if value is None else value.decode(errors="replace")
 
+        # A record written by a foreign client may hold anything: an unreadable number shows
+        # as absent (or its default) rather than making the record impossible to inspect.
+        def integer(name: str) -> int | None:
+            try:
+                return int(raw[name.encode()])
+            except (KeyError, ValueError):
+                return None
+
         def number(name: str) -> float | None:
-            value = raw.get(name.encode())
-            return None if value is None else int(value) / 1000
+            value = integer(name)
+            return None if value is None else value / 1000
 
         history: list[dict[str, Any]] = []
         for entry in errors:
@@ -202,11 +241,11 @@ class JobInfo:
             priority=text("c"),
             group=text("g"),
             payload=raw.get(b"p", b""),
-            attempts=int(text("a", "0") or 0),
-            max_attempts=int(text("m", "3") or 3),
+            attempts=integer("a") or 0,
+            max_attempts=integer("m") or 3,
             created_at=number("ct") or 0.0,
             dedup_key=text("dk"),
-            replay_count=int(text("rc", "0") or 0),
+            replay_count=integer("rc") or 0,
             dead_reason=text("dr"),
             dead_at=number("dt"),
             run_at=number("ra"),

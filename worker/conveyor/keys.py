@@ -15,6 +15,7 @@ order as ``SCRIPT_KEY_NAMES`` below.
 | ``delayed:<class>`` | zset | delayed and retrying job ids, scored (ms) by when they are due |
 | ``lease:<class>`` | zset | leased job ids, scored (ms) by lease deadline |
 | ``dead`` | zset | dead-lettered job ids, scored (ms) by when they died |
+| ``dead_class`` | hash | class of each dead letter (its counter stays right if the record goes) |
 | ``dedup:<key>`` | string | job id holding a deduplication key, expiring with its window |
 | ``rate:<group>`` | string | GCRA theoretical arrival time (ms) of a rate-limited group |
 | ``limits`` | hash | rate limit per group, ``<count>:<window ms>``; field ``*`` is the default |
@@ -56,6 +57,7 @@ SCRIPT_KEY_NAMES: tuple[str, ...] = (
     "worker:",
     "schedule:",
     "config",
+    "dead_class",
 )
 
 
@@ -115,6 +117,10 @@ class Keyspace:
     @property
     def dead(self) -> str:
         return self.base + "dead"
+
+    @property
+    def dead_class(self) -> str:
+        return self.base + "dead_class"
 
     @property
     def limits(self) -> str:

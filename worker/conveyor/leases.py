@@ -6,12 +6,14 @@ many jobs while every guarantee (fencing token, attempt count, event) still hold
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio
 
 from conveyor import scripts
+from conveyor.errors import BackendUnavailable, translate_redis_error
 from conveyor.keys import Keyspace
 
 
@@ -32,6 +34,10 @@ class Claimed:
     queued_ms: int | None
     version: str | None
     lease_deadline_ms: int
+    alone: bool = False
+    """The job's last run died with its worker process: run it with no other job beside it."""
+    malformed: str = ""
+    """Why the record cannot run as written (a field the worker cannot read); empty if none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,21 +71,44 @@ def _int(value: Any) -> int | None:
         return None
 
 
+def _positive(value: bytes, what: str, problems: list[str], default: int) -> int:
+    """A count or duration as enqueue.lua stores it: decimal digits, at least 1, exact in Lua."""
+    if value.isdigit() and len(value) <= 15 and int(value) >= 1:
+        return int(value)
+    problems.append(f"{what} is {value[:40]!r}, not a positive integer")
+    return default
+
+
+def _wire(job_id: str) -> bytes:
+    """A job id as Redis holds it: ids come back from Redis decoded with surrogateescape, so
+    one a foreign client wrote in another encoding still names its own record."""
+    return job_id.encode("utf-8", "surrogateescape")
+
+
+def _parse_claim(raw: list[Any]) -> ClaimResult:
+    return ClaimResult(int(raw[0]), int(raw[1]), [_parse_claimed(r) for r in raw[2:]])
+
+
 def _parse_claimed(row: list[Any]) -> Claimed:
+    # Every field but the id, token and class (claim.lua writes those) may come from a foreign
+    # client: nothing here may raise, or one bad record would stop this worker's claiming.
+    problems: list[str] = []
     return Claimed(
-        id=row[0].decode(),
+        id=row[0].decode("utf-8", "surrogateescape"),
         token=row[1].decode(),
         priority=row[2].decode(),
         type=_text(row[3]),
         payload=row[4],
         attempt=int(row[5]),
-        max_attempts=_int(row[6]) or 1,
-        timeout_ms=_int(row[7]) or 300_000,
-        group=row[8].decode(),
+        max_attempts=_positive(row[6], "max attempts (m)", problems, 1),
+        timeout_ms=_positive(row[7], "timeout (o)", problems, 300_000),
+        group=row[8].decode(errors="replace"),
         created_ms=_int(row[9]),
         queued_ms=_int(row[10]),
         version=_text(row[11]),
         lease_deadline_ms=int(row[12]),
+        alone=row[13] == 1,
+        malformed="; ".join(problems),
     )
 
 
@@ -89,7 +118,8 @@ class LeaseClient:
     def __init__(self, client: redis.asyncio.Redis, keys: Keyspace) -> None:
         self.client = client
         self.keys = keys
-        self._script_keys = keys.script_keys
+        # Encoded once: redis-py would otherwise encode all the key names on every call.
+        self._script_keys = [k.encode() for k in keys.script_keys]
 
     async def _run(self, script: scripts.LuaScript, args: list[Any]) -> Any:
         return await script.arun(self.client, self._script_keys, args)
@@ -98,21 +128,82 @@ class LeaseClient:
         self, n: int, lease_ttl_ms: int, token_prefix: str, classes: tuple[str, ...]
     ) -> ClaimResult:
         raw = await self._run(scripts.CLAIM, [n, lease_ttl_ms, token_prefix, *classes])
-        return ClaimResult(int(raw[0]), int(raw[1]), [_parse_claimed(r) for r in raw[2:]])
+        return _parse_claim(raw)
+
+    async def wait_then_claim(
+        self,
+        blocking: redis.asyncio.Redis,
+        wake_keys: list[str],
+        wait_seconds: float,
+        claim: tuple[int, int, str, tuple[str, ...]],
+        waiting_as: Callable[[int | None], None],
+    ) -> ClaimResult | None:
+        """Block on the wake-up lists, then claim, in one round trip: Redis runs the claim
+        (``claim``: the arguments of ``claim()``) the moment the wait ends, on a wake-up token
+        or after ``wait_seconds``, so an idle worker's pickup costs one trip instead of two.
+
+        ``waiting_as`` gets the Redis client id of the waiting connection (then None once
+        the wait is over): ``CLIENT UNBLOCK`` with it ends the wait early. Returns None if
+        Redis had lost the claim script (the next plain ``claim()`` loads it again)."""
+        n, lease_ttl_ms, token_prefix, classes = claim
+        pool = blocking.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]  # redis-py
+        replies = 0
+        try:
+            await connection.send_packed_command(
+                connection.pack_commands(
+                    [
+                        ("CLIENT", "ID"),
+                        ("BLPOP", *wake_keys, wait_seconds),
+                        (
+                            "EVALSHA",
+                            scripts.CLAIM.sha,
+                            len(self._script_keys),
+                            *self._script_keys,
+                            n,
+                            lease_ttl_ms,
+                            token_prefix,
+                            *classes,
+                        ),
+                    ]
+                )
+            )
+            waiting_as(int(await connection.read_response()))
+            replies = 1
+            await connection.read_response()
+            replies = 2
+            waiting_as(None)
+            raw = await connection.read_response()
+            replies = 3
+        except redis.exceptions.NoScriptError:
+            return None
+        except BaseException as exc:
+            waiting_as(None)
+            if replies < 3:
+                # Unread replies would be taken for the answers to the next commands.
+                await connection.disconnect()
+            if isinstance(exc, redis.exceptions.RedisError):
+                raise translate_redis_error(exc, "claim") from exc
+            if isinstance(exc, OSError):
+                raise BackendUnavailable(f"Redis unreachable during claim: {exc}") from exc
+            raise
+        finally:
+            await pool.release(connection)
+        return _parse_claim(raw)
 
     async def ack(self, done: list[tuple[str, str, int]]) -> list[str]:
         """Acknowledge (id, token, runtime ms) triples; returns ids whose lease was lost."""
         args: list[Any] = []
         for job_id, token, runtime_ms in done:
-            args += (job_id, token, runtime_ms)
-        return [i.decode() for i in await self._run(scripts.ACK, args)]
+            args += (_wire(job_id), token, runtime_ms)
+        return [i.decode("utf-8", "surrogateescape") for i in await self._run(scripts.ACK, args)]
 
     async def fail(self, failures: list[Failure]) -> list[tuple[str, str, int]]:
         """Record failures; returns (id, 'retry' | 'dead' | 'stale', delay ms) per job."""
         args: list[Any] = []
         for f in failures:
             args += (
-                f.job_id,
+                _wire(f.job_id),
                 f.token,
                 f.reason,
                 f.message,
@@ -121,21 +212,23 @@ class LeaseClient:
                 f.backoff_cap_ms,
             )
         raw = await self._run(scripts.FAIL, args)
-        return [(r[0].decode(), r[1].decode(), int(r[2])) for r in raw]
+        return [(r[0].decode("utf-8", "surrogateescape"), r[1].decode(), int(r[2])) for r in raw]
 
     async def extend(self, leases: list[tuple[str, str]], lease_ttl_ms: int) -> list[str]:
         """Push the deadline of (id, token) leases forward; returns the ids already lost."""
         args: list[Any] = [lease_ttl_ms]
         for job_id, token in leases:
-            args += (job_id, token)
+            args += (_wire(job_id), token)
         raw = await self._run(scripts.EXTEND, args)
-        return [i.decode() for i in raw[1:]]
+        return [i.decode("utf-8", "surrogateescape") for i in raw[1:]]
 
     async def hand_back(self, leases: list[tuple[str, str]]) -> list[str]:
         args: list[Any] = []
         for job_id, token in leases:
-            args += (job_id, token)
-        return [i.decode() for i in await self._run(scripts.HANDBACK, args)]
+            args += (_wire(job_id), token)
+        return [
+            i.decode("utf-8", "surrogateescape") for i in await self._run(scripts.HANDBACK, args)
+        ]
 
     async def recover(self, classes: tuple[str, ...], limit: int = 100) -> tuple[int, int]:
         """Recover expired leases and promote due delayed jobs; (recovered, promoted)."""

@@ -29,7 +29,18 @@ class JsonFormatter(logging.Formatter):
                 entry[name] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry).decode()
+        try:
+            return orjson.dumps(entry).decode()
+        except TypeError:
+            # A lone surrogate (a job id or payload text from a foreign client): orjson refuses
+            # it, and a log line that is dropped is worse than one that is escaped.
+            return orjson.dumps({k: _escaped(v) for k, v in entry.items()}).decode()
+
+
+def _escaped(value: object) -> object:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
 
 
 def configure(level: str = "INFO", fmt: str = "text") -> None:

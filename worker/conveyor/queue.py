@@ -7,7 +7,7 @@ to asyncio code. Both are thin: every state change is one Lua script (see ``scri
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -16,7 +16,14 @@ import redis.asyncio
 
 from conveyor import scripts
 from conveyor.config import QueueConfig
-from conveyor.errors import ConfigError, InvalidJob, JobNotFound, translate_redis_error
+from conveyor.connection import connect
+from conveyor.errors import (
+    BackendUnavailable,
+    ConfigError,
+    InvalidJob,
+    JobNotFound,
+    translate_redis_error,
+)
 from conveyor.job import DEFAULT_MAX_PAYLOAD, JobInfo, JobSpec
 from conveyor.keys import PRIORITY_CLASSES, Keyspace
 from conveyor.metrics import JOBS_DEDUPLICATED, JOBS_ENQUEUED, PAYLOADS_REFUSED
@@ -105,16 +112,57 @@ def _count(results: list[Enqueued], labels: list[tuple[str, str]]) -> None:
 
 
 def _parse_enqueued(raw: list[Any]) -> list[Enqueued]:
+    if raw and raw[0] == b"+":
+        # Every job was created: enqueue.lua sent the id range instead of the ids.
+        _, now_ms, first, count = raw
+        return [Enqueued(f"{now_ms:013d}-{seq:016d}", True) for seq in range(first, first + count)]
     return [Enqueued(raw[i].decode(), raw[i + 1] == 1) for i in range(0, len(raw), 2)]
 
 
 def _uniform(job_type: str, payloads: Iterable[Any], options: dict[str, Any]) -> Iterator[JobSpec]:
     """Specs sharing one validated set of options; ``dataclasses.replace`` would re-validate."""
     first = JobSpec(job_type, None, **options)
+    first.template()  # computed once here, then copied with the fields below
     for payload in payloads:
         spec = object.__new__(JobSpec)
         spec.__dict__.update(first.__dict__, payload=payload)
         yield spec
+
+
+def _replicated(raw: Any, confirmed: Any, wanted: int, timeout: float) -> list[Enqueued]:
+    """The reply of an ENQUEUE + WAIT pipeline; raises unless ``wanted`` replicas hold it."""
+    for reply in (raw, confirmed):
+        if isinstance(reply, redis.exceptions.RedisError):
+            raise translate_redis_error(reply, "enqueue") from reply
+    if int(confirmed) < wanted:
+        # The primary stored the jobs but cannot vouch they would survive a failover: the
+        # caller must not count them as accepted (a retry with a dedup key is harmless).
+        raise BackendUnavailable(
+            f"enqueue reached {confirmed} of {wanted} replicas within {timeout:g}s;"
+            " the jobs may or may not be stored"
+        )
+    return _parse_enqueued(raw)
+
+
+def _replicated_pipeline(
+    client: Any, keys: Sequence[str | bytes], args: list[Any], by_sha: bool, queue: Any
+) -> Any:
+    """ENQUEUE then WAIT in one pipeline, so WAIT runs on the connection that wrote: it counts
+    the replicas that acknowledged that connection's writes. Sync or asyncio client alike."""
+    script = scripts.ENQUEUE
+    pipe = client.pipeline(transaction=False)
+    if by_sha:
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+    else:
+        pipe.eval(script.source, len(keys), *keys, *args)
+    pipe.wait(queue.wait_for_replicas, round(queue.replica_timeout * 1000))
+    return pipe
+
+
+def _check_replicated_client(client: Any, wait_for_replicas: int) -> None:
+    if wait_for_replicas and isinstance(client, redis.RedisCluster | redis.asyncio.RedisCluster):
+        # WAIT must reach the node that took the write; the cluster client routes it elsewhere.
+        raise ConfigError("wait_for_replicas is not supported on a Redis Cluster client")
 
 
 def parse_stats(raw: list[Any]) -> list[ClassStats]:
@@ -140,7 +188,16 @@ def parse_stats(raw: list[Any]) -> list[ClassStats]:
 
 
 class Queue:
-    """A named queue on one Redis (or Redis Cluster: all its keys share one hash slot)."""
+    """A named queue on one Redis (or Redis Cluster: all its keys share one hash slot).
+
+    ``wait_for_replicas``: an enqueue returns only once that many replicas hold its jobs
+    (Redis ``WAIT``, at most ``replica_timeout`` seconds), and raises ``BackendUnavailable``
+    otherwise. Replication is asynchronous, so without it a job the primary accepted can
+    vanish in a failover; with it, a job the caller was told about is on a replica, and
+    Sentinel promotes the replica with the most data. With one replica, use 1; with several,
+    1 holds unless ``replica-priority`` or a lagging link makes Sentinel promote another one,
+    and the number of replicas is the strict form. 0 (the default) skips the wait.
+    """
 
     def __init__(
         self,
@@ -149,15 +206,23 @@ class Queue:
         *,
         prefix: str = "conveyor",
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        wait_for_replicas: int = 0,
+        replica_timeout: float = 1.0,
     ) -> None:
+        _check_replicated_client(client, wait_for_replicas)
         self.client = client
         self.keys = Keyspace(name, prefix)
         self.max_payload = max_payload
-        self._script_keys = self.keys.script_keys
+        self.wait_for_replicas = wait_for_replicas
+        self.replica_timeout = replica_timeout
+        # Encoded once: redis-py would otherwise encode all the key names on every call.
+        self._script_keys = [k.encode() for k in self.keys.script_keys]
 
     @classmethod
     def from_url(cls, url: str, name: str = "default", **kwargs: Any) -> Queue:
-        return cls(redis.Redis.from_url(url, health_check_interval=30), name, **kwargs)
+        """A queue on ``url``: ``redis://``, ``rediss://``, ``unix://`` or a Sentinel URL
+        (``conveyor.connection``)."""
+        return cls(connect(url, health_check_interval=30), name, **kwargs)
 
     def _run(self, script: scripts.LuaScript, args: list[Any]) -> Any:
         return script.run(self.client, self._script_keys, args)
@@ -182,10 +247,24 @@ class Queue:
         """
         results: list[Enqueued] = []
         for batch in _batches(specs, self.max_payload):
-            done = _parse_enqueued(self._run(scripts.ENQUEUE, batch.args))
+            if self.wait_for_replicas:
+                done = self._enqueue_replicated(batch.args)
+            else:
+                done = _parse_enqueued(self._run(scripts.ENQUEUE, batch.args))
             _count(done, batch.labels)
             results.extend(done)
         return results
+
+    def _enqueue_replicated(self, args: list[Any]) -> list[Enqueued]:
+        for by_sha in (True, False):
+            pipe = _replicated_pipeline(self.client, self._script_keys, args, by_sha, self)
+            try:
+                raw, confirmed = pipe.execute(raise_on_error=False)
+            except redis.exceptions.RedisError as exc:
+                raise translate_redis_error(exc, "enqueue") from exc
+            if not (by_sha and isinstance(raw, redis.exceptions.NoScriptError)):
+                break
+        return _replicated(raw, confirmed, self.wait_for_replicas, self.replica_timeout)
 
     def enqueue_batch(
         self, job_type: str, payloads: Iterable[Any], **options: Any
@@ -275,6 +354,13 @@ class Queue:
             purged += int(self._run(scripts.PURGE, ids[start : start + 500]))
         return purged
 
+    def release_worker(self, identity: str, message: str) -> int:
+        """Recover now the leases of a worker process known to be dead (its supervisor saw it
+        die): its jobs retry or dead-letter as ``worker_lost`` without waiting for the leases to
+        expire. Returns how many it recovered. Never call this for a process that may be alive:
+        its runs would be repeated (never double-acknowledged: their tokens become stale)."""
+        return int(self._run(scripts.RELEASE, [f"{identity}/", message, *PRIORITY_CLASSES]))
+
     # -- settings shared by every process ------------------------------------------------------
 
     def configure(self, config: QueueConfig) -> None:
@@ -282,8 +368,9 @@ class Queue:
 
     def set_rate_limit(self, group: str, count: int, per: float) -> None:
         """Allow ``count`` jobs of ``group`` per ``per`` seconds; group ``*`` sets the default."""
-        if count < 1 or per <= 0:
-            raise ConfigError("a rate limit needs count >= 1 and per > 0")
+        if not 1 <= count <= 2**53 or not 0.001 <= per <= 100 * 365 * 86400:
+            # A window under a millisecond would be stored as 0 ms, which means no limit.
+            raise ConfigError("a rate limit needs 1 <= count <= 2**53 and 0.001 s <= per <= 100 y")
         self._redis("rate_limit", "hset", self.keys.limits, group, f"{count}:{round(per * 1000)}")
 
     def exempt_from_rate_limit(self, group: str) -> None:
@@ -322,7 +409,7 @@ class ReplayReport:
 
 
 class AsyncQueue:
-    """The enqueue path for asyncio applications."""
+    """The enqueue path for asyncio applications (``wait_for_replicas``: see ``Queue``)."""
 
     def __init__(
         self,
@@ -331,10 +418,15 @@ class AsyncQueue:
         *,
         prefix: str = "conveyor",
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        wait_for_replicas: int = 0,
+        replica_timeout: float = 1.0,
     ) -> None:
+        _check_replicated_client(client, wait_for_replicas)
         self.client = client
         self.keys = Keyspace(name, prefix)
         self.max_payload = max_payload
+        self.wait_for_replicas = wait_for_replicas
+        self.replica_timeout = replica_timeout
 
     async def enqueue(self, job_type: str, payload: Any = None, **options: Any) -> Enqueued:
         spec = JobSpec(job_type, {} if payload is None else payload, **options)
@@ -343,11 +435,25 @@ class AsyncQueue:
     async def enqueue_many(self, specs: Iterable[JobSpec]) -> list[Enqueued]:
         results: list[Enqueued] = []
         for batch in _batches(specs, self.max_payload):
-            raw = await scripts.ENQUEUE.arun(self.client, self.keys.script_keys, batch.args)
-            done = _parse_enqueued(raw)
+            if self.wait_for_replicas:
+                done = await self._enqueue_replicated(batch.args)
+            else:
+                raw = await scripts.ENQUEUE.arun(self.client, self.keys.script_keys, batch.args)
+                done = _parse_enqueued(raw)
             _count(done, batch.labels)
             results.extend(done)
         return results
+
+    async def _enqueue_replicated(self, args: list[Any]) -> list[Enqueued]:
+        for by_sha in (True, False):
+            pipe = _replicated_pipeline(self.client, self.keys.script_keys, args, by_sha, self)
+            try:
+                raw, confirmed = await pipe.execute(raise_on_error=False)
+            except redis.exceptions.RedisError as exc:
+                raise translate_redis_error(exc, "enqueue") from exc
+            if not (by_sha and isinstance(raw, redis.exceptions.NoScriptError)):
+                break
+        return _replicated(raw, confirmed, self.wait_for_replicas, self.replica_timeout)
 
     async def enqueue_batch(
         self, job_type: str, payloads: Iterable[Any], **options: Any

@@ -203,14 +203,21 @@ class Reporter:
                 "job %s dead-lettered", job_id, extra={"event": "job_dead", "job_id": job_id}
             )
 
-    async def close(self, within: float) -> None:
-        """Wait until everything buffered has been sent, for at most ``within`` seconds."""
+    async def flush(self, within: float) -> bool:
+        """Wait until everything buffered has been sent, for at most ``within`` seconds;
+        False if something is still unsent."""
         if not self.pending:
-            return
+            return True
         self._ready.set()
         try:
             await asyncio.wait_for(self._idle.wait(), within)
         except TimeoutError:
+            return False
+        return True
+
+    async def close(self, within: float) -> None:
+        """Wait until everything buffered has been sent, for at most ``within`` seconds."""
+        if not await self.flush(within):
             log.error(
                 "exiting with %d outcomes unreported; their leases will expire and the "
                 "jobs run again",

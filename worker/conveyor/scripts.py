@@ -9,6 +9,7 @@ synchronous producer API and the asyncio worker.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -35,7 +36,7 @@ class LuaScript:
         self.source = _source(name)
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
-    def run(self, client: redis.Redis, keys: list[str], args: list[Any]) -> Any:
+    def run(self, client: redis.Redis, keys: Sequence[str | bytes], args: list[Any]) -> Any:
         try:
             try:
                 return client.evalsha(self.sha, len(keys), *keys, *args)
@@ -44,7 +45,9 @@ class LuaScript:
         except redis.exceptions.RedisError as exc:
             raise translate_redis_error(exc, self.name) from exc
 
-    async def arun(self, client: redis.asyncio.Redis, keys: list[str], args: list[Any]) -> Any:
+    async def arun(
+        self, client: redis.asyncio.Redis, keys: Sequence[str | bytes], args: list[Any]
+    ) -> Any:
         try:
             try:
                 return await client.evalsha(self.sha, len(keys), *keys, *args)
@@ -61,6 +64,7 @@ FAIL = LuaScript("fail")
 HANDBACK = LuaScript("handback")
 EXTEND = LuaScript("extend")
 RECOVER = LuaScript("recover")
+RELEASE = LuaScript("release")
 REPLAY = LuaScript("replay")
 PURGE = LuaScript("purge")
 RESUME = LuaScript("resume")

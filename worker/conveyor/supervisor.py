@@ -17,8 +17,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from conveyor.errors import ConveyorError
 from conveyor.worker import EXIT_RECYCLE
 
 log = logging.getLogger(__name__)
@@ -36,11 +38,18 @@ class Child:
     failures: int = 0
 
 
+Release = Callable[[int, str], int]
+"""Recovers the leases of a dead worker process (by pid) at once; returns how many."""
+
+
 class Supervisor:
-    def __init__(self, argv: list[str], processes: int, grace: float) -> None:
+    def __init__(
+        self, argv: list[str], processes: int, grace: float, release: Release | None = None
+    ) -> None:
         self.argv = argv
         self.processes = processes
         self.grace = grace
+        self.release = release
         self.children: dict[int, Child] = {}
         self.signals = 0
         self.stop_deadline: float | None = None
@@ -121,7 +130,8 @@ class Supervisor:
         return 0
 
     def _restart_delay(self, child: Child, code: int) -> float:
-        healthy = time.monotonic() - child.started > HEALTHY_RUN or code == EXIT_RECYCLE
+        # A drained exit (code 0: the process alone was asked to stop) or a recycle is no crash.
+        healthy = time.monotonic() - child.started > HEALTHY_RUN or code in (0, EXIT_RECYCLE)
         failures = 0 if healthy else child.failures + 1
         self._last_failures[child.slot] = failures
         return 0.0 if failures == 0 else min(RESTART_BACKOFF_CAP, 0.5 * 2 ** (failures - 1))
@@ -145,20 +155,25 @@ class Supervisor:
                 child.process.pid,
                 extra={"event": "process_recycled"},
             )
-        elif code < 0:
-            log.error(
-                "worker process %d killed by %s; its jobs return when their leases expire",
-                child.process.pid,
-                signal.Signals(-code).name,
-                extra={"event": "process_died"},
-            )
-        else:
-            log.error(
-                "worker process %d exited with %d",
-                child.process.pid,
-                code,
-                extra={"event": "process_died"},
-            )
+            return
+        cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+        log.error(
+            "worker process %d %s; %s",
+            child.process.pid,
+            cause,
+            self._release(child.process.pid, cause),
+            extra={"event": "process_died"},
+        )
+
+    def _release(self, pid: int, cause: str) -> str:
+        """Its jobs would otherwise wait out their leases (``lease_ttl``) before running again."""
+        if self.release is None:
+            return "its jobs return when their leases expire"
+        try:
+            released = self.release(pid, f"worker process {pid} {cause}")
+        except ConveyorError as exc:
+            return f"its jobs return when their leases expire (recovering them now failed: {exc})"
+        return f"recovered its {released} leased jobs at once"
 
 
 def _kill_group(pid: int) -> None:

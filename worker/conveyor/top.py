@@ -22,6 +22,22 @@ from conveyor.workers import WorkerInfo, list_workers
 SPARK = " ▁▂▃▄▅▆▇█"
 
 
+def stats_cells(row: ClassStats) -> list[str]:
+    """One class's figures as table cells, in the order of ``conveyor stats`` and ``top``:
+    class, ready, due delayed, future delayed, in flight, dead, oldest ready, limited groups."""
+    age = "-" if row.oldest_ready_age is None else f"{row.oldest_ready_age:.1f}s"
+    return [
+        row.priority,
+        str(row.ready),
+        str(row.due_delayed),
+        str(row.future_delayed),
+        str(row.in_flight),
+        str(row.dead),
+        age,
+        str(row.limited_groups),
+    ]
+
+
 def sparkline(values: list[int]) -> str:
     top = max(values, default=0)
     if top == 0:
@@ -62,18 +78,7 @@ class TopView:
         for row in rows:
             trend = self.history.setdefault(row.priority, deque(maxlen=60))
             trend.append(row.backlog)
-            age = "-" if row.oldest_ready_age is None else f"{row.oldest_ready_age:.1f}s"
-            table.add_row(
-                row.priority,
-                str(row.ready),
-                str(row.due_delayed),
-                str(row.future_delayed),
-                str(row.in_flight),
-                str(row.dead),
-                age,
-                str(row.limited_groups),
-                sparkline(list(trend)),
-            )
+            table.add_row(*stats_cells(row), sparkline(list(trend)))
         return table
 
     @staticmethod

@@ -12,12 +12,14 @@ the process, so the process exits with ``EXIT_RECYCLE`` and the supervisor repla
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import cast
@@ -26,6 +28,7 @@ import redis.asyncio
 
 from conveyor import metrics
 from conveyor.config import WorkerSettings
+from conveyor.connection import connect_async
 from conveyor.errors import BackendUnavailable, ConveyorError
 from conveyor.execution import LEASE_LOST, SHUTDOWN, TIMEOUT, Poison, failure_of, prepare
 from conveyor.job import Job
@@ -74,7 +77,7 @@ class Worker:
         self.registry = registry
         self.keys = Keyspace(settings.queue)
         self.identity = f"{settings.identity}"
-        self.redis = redis.asyncio.Redis.from_url(
+        self.redis = connect_async(
             settings.redis_url,
             socket_timeout=10,
             socket_connect_timeout=5,
@@ -83,7 +86,7 @@ class Worker:
         )
         # Blocking waits get their own connection: cancelling one on shutdown drops that
         # connection, which must not be a connection the reporter is using.
-        self.blocking = redis.asyncio.Redis.from_url(
+        self.blocking = connect_async(
             settings.redis_url,
             socket_connect_timeout=5,
             socket_keepalive=True,
@@ -94,6 +97,10 @@ class Worker:
         self.reporter = Reporter(self.leases, self.outage)
         self.record = WorkerRecord(self.redis, self.keys, self.identity, settings)
         self.running: dict[str, Running] = {}
+        self.held: deque[tuple[Running, int]] = deque()
+        self._cautious = False
+        self._waiting_id: int | None = None
+        """Redis client id of the connection blocked waiting for work, while it waits."""
         self.draining = asyncio.Event()
         self.closing = asyncio.Event()
         self.hurry = asyncio.Event()
@@ -222,22 +229,24 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         backoff = _Backoff()
-        prefix = f"{self.identity}/"
         while not self.draining.is_set():
-            free = self.settings.concurrency - len(self.running)
-            if free <= 0:
+            if self.held:
+                # A job whose last run died with its process (a poison suspect) waits until
+                # nothing else runs, then runs alone; nothing new is claimed meanwhile.
+                if len(self.running) == len(self.held):
+                    self._start_held()
+                if len(self.running) > len(self.held):  # a job runs; its end wakes this loop
+                    self.slot_free.clear()
+                    await self.slot_free.wait()
+                continue
+            wanted = self._wanted()
+            if wanted <= 0:
                 self.slot_free.clear()
                 await self.slot_free.wait()
                 continue
-            wanted = min(free, self.settings.claim_batch)
-            self._claims += 1
-            claim = asyncio.ensure_future(
-                self.leases.claim(
-                    wanted, self._ttl_ms, f"{prefix}{self._claims}", self.settings.classes
-                )
-            )
+            claim = asyncio.ensure_future(self.leases.claim(*self._claim_args(wanted)))
             try:
-                result = await asyncio.shield(claim)
+                result: ClaimResult | None = await asyncio.shield(claim)
             except asyncio.CancelledError:
                 await self._hand_back_claim(claim)
                 raise
@@ -246,8 +255,8 @@ class Worker:
                 await asyncio.sleep(backoff.next_delay())
                 continue
             except ConveyorError as exc:
-                # Redis answered with an error (out of memory, read-only replica after a
-                # failover, busy script): retry like an outage rather than stop claiming.
+                # Redis answered with an error (out of memory, busy script): retry like an
+                # outage rather than stop claiming.
                 if backoff.failures == 0:
                     log.warning(
                         "claim refused by Redis, retrying with backoff: %s",
@@ -258,12 +267,43 @@ class Worker:
                 continue
             self.outage.succeeded()
             backoff.failures = 0
-            for claimed in result.jobs:
-                self._start(claimed, result.now_ms)
-            if len(result.jobs) < wanted:
-                await self._wait_for_work(result.now_ms, result.next_ms)
+            # While claims come back short the queue is drained: wait for work and claim in
+            # one round trip, until a claim fills its batch or something else needs the loop.
+            while result is not None:
+                await self._take(result)
+                if len(result.jobs) >= wanted or self.draining.is_set() or self.held:
+                    break
+                wanted = self._wanted()
+                if wanted <= 0:
+                    break
+                result = await self._wait_then_claim(result, wanted)
 
-    async def _hand_back_claim(self, claim: asyncio.Future[ClaimResult]) -> None:
+    def _wanted(self) -> int:
+        free = self.settings.concurrency - len(self.running)
+        # Right after a poison suspect, claim one job at a time: several suspects in one
+        # batch would have to be handed back to run alone one after another.
+        return min(free, 1 if self._cautious else self.settings.claim_batch)
+
+    def _claim_args(self, wanted: int) -> tuple[int, int, str, tuple[str, ...]]:
+        self._claims += 1
+        return wanted, self._ttl_ms, f"{self.identity}/{self._claims}", self.settings.classes
+
+    async def _take(self, result: ClaimResult) -> None:
+        """Start the jobs of a claim (or hold the poison suspects among them)."""
+        for claimed in result.jobs:
+            if claimed.alone:
+                self._hold(claimed, result.now_ms)
+            else:
+                self._start(claimed, result.now_ms)
+        self._cautious = any(claimed.alone for claimed in result.jobs)
+        _count_started(result.jobs)
+        # Sampled here and by the heartbeat rather than moved per job: two metric writes
+        # per job were a tenth of a no-op job's cost.
+        metrics.SLOTS_BUSY.set(len(self.running))
+        if len(self.held) > 1:
+            await self._hand_back_held_but_one()
+
+    async def _hand_back_claim(self, claim: Awaitable[ClaimResult | None]) -> None:
         """A drain stopped the claimer while its claim was in flight. Redis may have leased
         jobs to it already; cutting the reply off would leave them to expire as lost runs
         (an attempt spent and ``lease_ttl`` of delay), so wait for it and hand them back."""
@@ -271,21 +311,39 @@ class Worker:
             result = await claim
         except ConveyorError:
             return
-        if result.jobs:
+        if result is not None and result.jobs:
             self.reporter.hand_back(
                 [(c.id, c.token) for c in result.jobs],
                 [(c.type or "", c.priority) for c in result.jobs],
             )
 
-    async def _wait_for_work(self, now_ms: int, next_ms: int) -> None:
+    async def _wait_then_claim(self, previous: ClaimResult, wanted: int) -> ClaimResult | None:
+        """None when the wait failed (Redis unreachable: the caller's plain claim takes over,
+        with its backoff) or Redis had lost the script."""
         timeout = self.settings.sweep_interval
-        if next_ms >= 0:
-            timeout = min(timeout, max(0.001, (next_ms - now_ms) / 1000))
+        if previous.next_ms >= 0:
+            timeout = min(timeout, max(0.001, (previous.next_ms - previous.now_ms) / 1000))
+        exchange = asyncio.ensure_future(
+            self.leases.wait_then_claim(
+                self.blocking, self._wake_keys, timeout, self._claim_args(wanted), self._waiting
+            )
+        )
         try:
-            await self.blocking.blpop(self._wake_keys, timeout=timeout)
-        except (ConnectionError, OSError, redis.RedisError) as exc:
-            log.debug("wake-up wait failed: %s", exc)
+            return await asyncio.shield(exchange)
+        except asyncio.CancelledError:
+            # A drain: end the wait at once, then give back whatever the claim leased.
+            if self._waiting_id is not None:
+                with contextlib.suppress(ConveyorError, redis.RedisError, OSError):
+                    await self.redis.client_unblock(self._waiting_id)
+            await self._hand_back_claim(exchange)
+            raise
+        except ConveyorError as exc:
+            log.debug("wait for work failed: %s", exc)
             await asyncio.sleep(min(timeout, 1.0))
+            return None
+
+    def _waiting(self, client_id: int | None) -> None:
+        self._waiting_id = client_id
 
     # -- running -------------------------------------------------------------------------------
 
@@ -293,6 +351,42 @@ class Worker:
         running = Running(claimed, time.monotonic())
         self.running[claimed.id] = running
         running.task = asyncio.create_task(self._execute(running, now_ms))
+
+    def _hold(self, claimed: Claimed, now_ms: int) -> None:
+        """Keep a leased job (heartbeats extend it, a drain hands it back) until it can run
+        alone: if it kills the process again, it takes no other job with it."""
+        running = Running(claimed, 0.0)
+        self.running[claimed.id] = running
+        self.held.append((running, now_ms))
+
+    async def _hand_back_held_but_one(self) -> None:
+        """Suspects wait their turn in Redis, not in this process: if the one that runs next
+        kills it, the others would be charged an attempt for a run they never had."""
+        keep = self.held.popleft()
+        returned = [running for running, _ in self.held]
+        self.held = deque([keep])
+        for running in returned:
+            del self.running[running.claimed.id]
+        self.reporter.hand_back(
+            [(r.claimed.id, r.claimed.token) for r in returned],
+            [(r.claimed.type or "", r.claimed.priority) for r in returned],
+        )
+        await self.reporter.flush(within=self.settings.lease_ttl)
+
+    def _start_held(self) -> None:
+        while self.held:
+            running, now_ms = self.held.popleft()
+            if running.stop_reason is not None:  # its lease was lost while it waited
+                del self.running[running.claimed.id]
+                continue
+            log.info(
+                "job %s runs alone: its last run died with its worker process",
+                running.claimed.id,
+                extra={"event": "job_alone", "job_id": running.claimed.id},
+            )
+            running.started = time.monotonic()
+            running.task = asyncio.create_task(self._execute(running, now_ms))
+            return
 
     def _interrupt(self, running: Running, reason: str) -> None:
         if running.stop_reason is None:
@@ -311,12 +405,10 @@ class Worker:
             labels = (claimed.type or "", claimed.priority)
             running.labels = labels
             job_metrics = metrics.for_job(*labels)
-            job_metrics.started.inc()
             if claimed.queued_ms:
                 job_metrics.wait.observe(max(0, now_ms - claimed.queued_ms) / 1000)
             # The watchdog loop enforces this; one timer handle per job cost more than the job.
             running.deadline = asyncio.get_running_loop().time() + prepared.job.timeout
-            metrics.SLOTS_BUSY.inc()
             try:
                 if prepared.task.is_async:
                     await prepared.task.handler(prepared.job)  # type: ignore[misc]
@@ -339,7 +431,6 @@ class Worker:
                     log.debug("job %s done in %.3fs", claimed.id, runtime)
             finally:
                 running.deadline = 0.0
-                metrics.SLOTS_BUSY.dec()
         finally:
             if running.stop_reason != SHUTDOWN:
                 del self.running[claimed.id]
@@ -433,6 +524,7 @@ class Worker:
                 await self.record.beat(
                     len(self.running), self.draining.is_set(), list(self.running)
                 )
+                metrics.SLOTS_BUSY.set(len(self.running))
             except BackendUnavailable as exc:
                 self.outage.failed("heartbeat", exc)
             except ConveyorError as exc:
@@ -478,6 +570,12 @@ class Worker:
                 log.warning(
                     "recovered %d expired leases", recovered, extra={"event": "leases_recovered"}
                 )
+
+
+def _count_started(jobs: list[Claimed]) -> None:
+    """One counter write per job type and class of a claim, not one per job."""
+    for (job_type, priority), n in Counter((c.type or "", c.priority) for c in jobs).items():
+        metrics.for_job(job_type, priority).started.inc(n)
 
 
 def run_worker(settings: WorkerSettings, registry: Registry) -> int:

@@ -16,8 +16,6 @@ from pathlib import Path
 from string import Template
 from urllib.parse import parse_qs
 
-import redis
-import redis.asyncio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -27,6 +25,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from conveyor.connection import connect_async
 from conveyor.dashboard.api import Api, JSONResponse, read_body
 from conveyor.dashboard.auth import COOKIE, Guard
 from conveyor.dashboard.feed import Feed
@@ -124,7 +123,7 @@ async def _error(request: Request, exc: Exception) -> Response:
 
 def create_app(settings: DashboardSettings) -> Starlette:
     queue = Queue.from_url(settings.redis_url, settings.queue)
-    events_client = redis.asyncio.Redis.from_url(settings.redis_url)
+    events_client = connect_async(settings.redis_url)
     feed = Feed(queue, events_client, settings.poll_interval)
     history = HistoryLookup(settings.database_url)
     guard = Guard(settings)

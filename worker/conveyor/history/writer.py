@@ -26,6 +26,7 @@ import psycopg
 import redis.asyncio
 
 from conveyor.config import WorkerSettings
+from conveyor.connection import connect_async
 from conveyor.errors import BackendError
 from conveyor.history.events import MalformedEntry, Row, entry_rows
 from conveyor.history.schema import connect, statement
@@ -291,7 +292,7 @@ class HistoryWriter:
 
 def writer_for(settings: WorkerSettings, block: float = 1.0) -> HistoryWriter:
     """The history writer of one worker process (or of ``conveyor history-writer``)."""
-    client = redis.asyncio.Redis.from_url(
+    client = connect_async(
         settings.redis_url,
         socket_timeout=block + 10,
         socket_connect_timeout=5,

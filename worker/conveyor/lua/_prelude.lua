@@ -10,7 +10,7 @@
 
 local K_JOB, K_ERR, K_READY, K_GROUP, K_DELAYED, K_LEASE, K_DEAD, K_DEDUP, K_RATE,
   K_LIMITS, K_PAUSED, K_WAKE, K_EVENTS, K_SEQ, K_COUNTS, K_WORKERS, K_WORKER, K_SCHEDULE,
-  K_CONFIG = unpack(KEYS)
+  K_CONFIG, K_DEAD_CLASS = unpack(KEYS)
 
 local function fmt(n)
   return string.format('%d', n)
@@ -30,6 +30,11 @@ local function field(value, name)
     return DEFAULTS[name]
   end
   return value
+end
+-- A numeric field as a number; a value some foreign writer left unreadable counts as the
+-- default, so arithmetic on it cannot abort a script halfway through its writes.
+local function numeric(value, name)
+  return tonumber(field(value, name)) or tonumber(DEFAULTS[name])
 end
 local tick_n = 0
 local function tick()
@@ -105,10 +110,35 @@ local function finish()
   end
 end
 
+-- enqueue.lua collects the ids it appends to each group list and writes them with one RPUSH
+-- per list (flush_pushes) instead of one per job. Only a script that reads no group list
+-- before flushing may turn this on: an id still in the buffer is not in its list yet.
+local buffered_pushes = nil
+local push_order = {}
+
+local function flush_pushes()
+  for _, list in ipairs(push_order) do
+    local ids = buffered_pushes[list]
+    -- unpack() is bounded by Lua's C stack (LUAI_MAXCSTACK, 8000): push in slices.
+    for i = 1, #ids, 4000 do
+      redis.call('RPUSH', list, unpack(ids, i, math.min(i + 3999, #ids)))
+    end
+  end
+  buffered_pushes, push_order = {}, {}
+end
+
 local function make_ready(class, group, id, front)
   local list = K_GROUP .. class .. ':' .. group
   if front then
     redis.call('LPUSH', list, id)
+  elseif buffered_pushes then
+    local ids = buffered_pushes[list]
+    if ids == nil then
+      ids = {}
+      buffered_pushes[list] = ids
+      push_order[#push_order + 1] = list
+    end
+    ids[#ids + 1] = id
   else
     redis.call('RPUSH', list, id)
   end
@@ -149,6 +179,18 @@ local function promote(class, limit)
   return #due
 end
 
+-- A dead letter leaves the index (replay, purge, retention): its class's counter drops. The
+-- class is kept beside the index because the job's record may be gone by then (deleted by
+-- hand, or by an eviction) and the counter would otherwise never come down. Returns the class.
+local function undead(id, class_in_record)
+  local class = redis.call('HGET', K_DEAD_CLASS, id) or class_in_record
+  redis.call('HDEL', K_DEAD_CLASS, id)
+  if class then
+    count('dead:' .. class, -1)
+  end
+  return class
+end
+
 local function dead_letter_trim()
   local expired = redis.call('ZRANGEBYSCORE', K_DEAD, '-inf', fmt(NOW_MS - CONFIG.dead_ttl_ms),
     'LIMIT', 0, 100)
@@ -161,12 +203,9 @@ local function dead_letter_trim()
   end
   for _, id in ipairs(expired) do
     local job = redis.call('HMGET', K_JOB .. id, 't', 'c', 'a')
-    if job[2] then
-      count('dead:' .. job[2], -1)
-    end
     redis.call('DEL', K_JOB .. id, K_ERR .. id)
     redis.call('ZREM', K_DEAD, id)
-    emit('purged', id, job[1], job[2], job[3], 'retention')
+    emit('purged', id, job[1], undead(id, job[2]), job[3], 'retention')
   end
 end
 
@@ -174,6 +213,7 @@ local function dead_letter(id, jtype, class, attempt, reason)
   redis.call('HSET', K_JOB .. id, 's', 'dead', 'dr', reason, 'dt', fmt(NOW_MS))
   redis.call('HDEL', K_JOB .. id, 'lt', 'ld')
   redis.call('ZADD', K_DEAD, fmt(NOW_MS), id)
+  redis.call('HSET', K_DEAD_CLASS, id, class)
   count('dead:' .. class, 1)
   emit('dead_lettered', id, jtype, class, attempt, reason)
   dead_letter_trim()
@@ -186,7 +226,7 @@ local function fail_attempt(id, class, reason, message, permanent, base_ms, cap_
   local key = K_JOB .. id
   local job = redis.call('HMGET', key, 't', 'a', 'm', 'bb', 'bc', 'bj', 'lt')
   local attempt = tonumber(job[2]) or 0
-  local max_attempts = tonumber(field(job[3], 'm'))
+  local max_attempts = numeric(job[3], 'm')
   redis.call('ZREM', K_LEASE .. class, id)
   -- A lease token is '<worker id>/<claim>:<n>', so the failed run's worker is its prefix.
   local worker = string.match(job[7] or '', '^(.*)/') or ''
@@ -197,15 +237,22 @@ local function fail_attempt(id, class, reason, message, permanent, base_ms, cap_
     dead_letter(id, job[1], class, attempt, reason)
     return 'dead', 0
   end
-  if base_ms < 0 then base_ms = tonumber(field(job[4], 'bb')) end
-  if cap_ms < 0 then cap_ms = tonumber(field(job[5], 'bc')) end
+  if base_ms < 0 then base_ms = numeric(job[4], 'bb') end
+  if cap_ms < 0 then cap_ms = numeric(job[5], 'bc') end
   local delay = math.min(cap_ms, base_ms * 2 ^ math.max(attempt - 1, 0))
   if field(job[6], 'bj') ~= '0' then
     delay = math.random() * delay
   end
   delay = math.floor(delay)
   redis.call('HSET', key, 's', 'delayed')
-  redis.call('HDEL', key, 'lt', 'ld')
+  if reason == 'worker_lost' then
+    -- Its process died during the run, maybe because of this job (out of memory, a crash in
+    -- native code): its next run goes alone, so a poison job takes no other job down with it.
+    redis.call('HSET', key, 'lw', '1')
+    redis.call('HDEL', key, 'lt', 'ld')
+  else
+    redis.call('HDEL', key, 'lt', 'ld', 'lw')
+  end
   schedule_at(class, id, NOW_MS + delay)
   emit('retried', id, job[1], class, attempt, reason .. ':' .. fmt(delay))
   return 'retry', delay
@@ -219,6 +266,20 @@ local function check_lease(id, token)
     return false
   end
   return job[3]
+end
+
+-- The fields of a job's record that every job of one spec shares, built once per spec (a
+-- batch sends thousands of jobs under one spec).
+local function shared_fields(spec, delayed)
+  local fields = {'v', '1', 't', spec[1], 'c', spec[3], 'ct', fmt(NOW_MS),
+    's', delayed and 'delayed' or 'queued'}
+  for name, i in pairs({g = 4, m = 5, o = 6, bb = 11, bc = 12, bj = 13}) do
+    if spec[i] ~= DEFAULTS[name] then
+      fields[#fields + 1] = name
+      fields[#fields + 1] = spec[i]
+    end
+  end
+  return fields
 end
 
 -- Enqueue one job (or return the id already holding its deduplication key). `spec` is the
@@ -236,31 +297,33 @@ local function enqueue_one(seq, spec, payload, dedup_key)
   -- the order every million jobs and could repeat an id within one millisecond.
   local id = string.format('%013d-%016d', NOW_MS, seq)
   local jtype, class, group = spec[1], spec[3], spec[4]
-  local due = 0
-  if tonumber(spec[7]) > 0 then
-    due = NOW_MS + tonumber(spec[7])
-  elseif tonumber(spec[8]) > 0 then
-    due = tonumber(spec[8])
-  end
-  local delayed = due > NOW_MS
-  local hash = {'v', '1', 't', jtype, 'p', payload, 'c', class, 'ct', fmt(NOW_MS),
-    's', delayed and 'delayed' or 'queued'}
-  for name, i in pairs({g = 4, m = 5, o = 6, bb = 11, bc = 12, bj = 13}) do
-    if spec[i] ~= DEFAULTS[name] then
-      hash[#hash + 1] = name
-      hash[#hash + 1] = spec[i]
+  if spec.due == nil then
+    spec.due = 0
+    if tonumber(spec[7]) > 0 then
+      spec.due = NOW_MS + tonumber(spec[7])
+    elseif tonumber(spec[8]) > 0 then
+      spec.due = tonumber(spec[8])
     end
+    spec.delayed = spec.due > NOW_MS
+    spec.fields = shared_fields(spec, spec.delayed)
   end
-  if dedup_key ~= '' then
-    hash[#hash + 1] = 'dk'
-    hash[#hash + 1] = dedup_key
-    redis.call('SET', K_DEDUP .. dedup_key, id, 'PX', spec[10])
+  local due, delayed = spec.due, spec.delayed
+  local key = K_JOB .. id
+  if dedup_key == '' and not delayed then
+    redis.call('HSET', key, 'p', payload, unpack(spec.fields))
+  else
+    local hash = {'p', payload, unpack(spec.fields)}
+    if dedup_key ~= '' then
+      hash[#hash + 1] = 'dk'
+      hash[#hash + 1] = dedup_key
+      redis.call('SET', K_DEDUP .. dedup_key, id, 'PX', spec[10])
+    end
+    if delayed then
+      hash[#hash + 1] = 'ra'
+      hash[#hash + 1] = fmt(due)
+    end
+    redis.call('HSET', key, unpack(hash))
   end
-  if delayed then
-    hash[#hash + 1] = 'ra'
-    hash[#hash + 1] = fmt(due)
-  end
-  redis.call('HSET', K_JOB .. id, unpack(hash))
   if delayed then
     schedule_at(class, id, due)
     emit('queued', id, jtype, class, 0, 'at:' .. fmt(due))

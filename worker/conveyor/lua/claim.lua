@@ -5,7 +5,9 @@
 -- Returns: {now_ms, next_ms, job, job, ...} where next_ms is the earliest moment (ms) at which
 --          more work of these classes may become claimable (-1: none known), and each job is
 --          {id, token, class, type, payload, attempts, max_attempts, timeout_ms, group,
---          created_ms, queued_ms, version, lease_deadline_ms}; attempts already counts this run.
+--          created_ms, queued_ms, version, lease_deadline_ms, alone}; attempts already counts
+--          this run; alone is 1 when the job's last run died with its worker process (the worker
+--          runs it with no other job beside it).
 --
 -- Order: strict priority between classes, except that a class starved past the queue's
 -- starvation bound gets one job first; inside a class, groups take turns (a group that was
@@ -67,17 +69,23 @@ local function is_paused(group)
   return p
 end
 
+-- The head of each class's delayed set, kept for the sleep hint at the end: promoting moves
+-- due jobs out, so only a class that promoted needs reading again.
+local delayed_head = {}
 for _, class in ipairs(classes) do
   local head = redis.call('ZRANGE', K_DELAYED .. class, 0, 0, 'WITHSCORES')
   if head[2] and tonumber(head[2]) <= NOW_MS then
     promote(class, 1000)
+    delayed_head[class] = 'read again'
+  else
+    delayed_head[class] = tonumber(head[2]) or false
   end
 end
 
 local out = {NOW_MS, -1}
 local claimed = 0
 local deadline = NOW_MS + ttl
-local FIELDS = {'t', 'p', 'a', 'm', 'o', 'g', 'ct', 'qt', 'v'}
+local FIELDS = {'t', 'p', 'a', 'm', 'o', 'g', 'ct', 'qt', 'v', 'lw'}
 
 local function lease(class, ids, leases)
   for _, id in ipairs(ids) do
@@ -88,14 +96,19 @@ local function lease(class, ids, leases)
     if job[1] or job[2] or job[3] or redis.call('EXISTS', key) == 1 then
       local attempts = (tonumber(job[3]) or 0) + 1
       local token = prefix .. ':' .. fmt(claimed)
-      redis.call('HSET', key, 's', 'active', 'a', fmt(attempts), 'lt', token, 'ld', fmt(deadline))
+      -- The class is written back from where the job was found: ack, fail and recovery find
+      -- the lease by the record's class, which a record written by a foreign client may lack.
+      redis.call('HSET', key, 's', 'active', 'a', fmt(attempts), 'lt', token, 'ld', fmt(deadline),
+        'c', class)
       leases[#leases + 1] = fmt(deadline)
       leases[#leases + 1] = id
       emit('started', id, job[1], class, attempts, prefix)
+      -- Cumulative: the operator tells a class that ran work between two polls from an idle one.
+      count('started:' .. class, 1)
       claimed = claimed + 1
       out[#out + 1] = {id, token, class, job[1] or false, job[2] or false, attempts,
         field(job[4], 'm'), field(job[5], 'o'), job[6] or '', job[7] or false,
-        job[8] or job[7] or false, job[9] or false, deadline}
+        job[8] or job[7] or false, job[9] or false, deadline, job[10] and 1 or 0}
     end
   end
 end
@@ -162,11 +175,19 @@ for _, class in ipairs(classes) do
 end
 
 -- Tell the worker how long it may sleep: until the earliest delayed job or rate-limited group.
+-- A worker that got every job it asked for claims again at once and never reads the hint.
 local next_ms = -1
 for _, class in ipairs(classes) do
-  local d = redis.call('ZRANGE', K_DELAYED .. class, 0, 0, 'WITHSCORES')
-  if d[2] and (next_ms < 0 or tonumber(d[2]) < next_ms) then
-    next_ms = tonumber(d[2])
+  if claimed >= n then
+    break
+  end
+  local due = delayed_head[class]
+  if due == 'read again' then
+    local d = redis.call('ZRANGE', K_DELAYED .. class, 0, 0, 'WITHSCORES')
+    due = tonumber(d[2]) or false
+  end
+  if due and (next_ms < 0 or due < next_ms) then
+    next_ms = due
   end
   local r = redis.call('ZRANGE', K_READY .. class, 0, 0, 'WITHSCORES')
   if r[2] then

@@ -5,23 +5,40 @@
 --       max_attempts, timeout_ms, delay_ms (0 = none), run_at_ms (0 = none), dedup_key
 --       (unused), dedup_window_ms, backoff_base_ms, backoff_cap_ms, jitter 1/0), the number of
 --       jobs k, then k pairs payload, dedup_key ('' = none)
--- Returns: flat array id1, created1, id2, created2, ... (created: 1 new, 0 deduplicated)
-local out = {}
+-- Returns: when every job was created, {'+', now_ms, first_seq, count}: the ids are
+--          '%013d-%016d' of now_ms and first_seq .. first_seq + count - 1 (see enqueue_one),
+--          which spares a bulk enqueue thousands of reply strings; otherwise the flat array
+--          id1, created1, id2, created2, ... (created: 1 new, 0 deduplicated)
+local out = nil -- built only once a job is deduplicated (see Returns)
 local pos = 2
 local seq = tonumber(redis.call('GET', K_SEQ) or 0)
 local total = 0
+buffered_pushes = {}
 for _ = 1, tonumber(ARGV[1]) do
   local spec = {unpack(ARGV, pos, pos + 12)}
   local k = tonumber(ARGV[pos + 13])
   pos = pos + 14
   for _ = 1, k do
     local id, created = enqueue_one(seq + total, spec, ARGV[pos], ARGV[pos + 1])
-    out[#out + 1] = id
-    out[#out + 1] = created
-    total = total + 1
+    if created == 0 and out == nil then
+      out = {}
+      for i = 0, total - 1 do
+        out[#out + 1] = string.format('%013d-%016d', NOW_MS, seq + i)
+        out[#out + 1] = 1
+      end
+    end
+    if out then
+      out[#out + 1] = id
+      out[#out + 1] = created
+    end
+    -- A deduplicated job takes no sequence number, so the created ids stay consecutive.
+    if created == 1 then
+      total = total + 1
+    end
     pos = pos + 2
   end
 end
+flush_pushes()
 redis.call('SET', K_SEQ, fmt(seq + total))
 finish()
-return out
+return out or {'+', NOW_MS, seq, total}

@@ -12,14 +12,15 @@ for _, id in ipairs(ARGV) do
     skipped[#skipped + 1] = id
   elseif not job[1] then
     redis.call('ZREM', K_DEAD, id)
+    undead(id, false)
     missing[#missing + 1] = id
   else
     redis.call('ZREM', K_DEAD, id)
     local class = job[3]
     local replays = (tonumber(job[5]) or 0) + 1
     redis.call('HSET', key, 's', 'queued', 'a', '0', 'rc', fmt(replays), 'qt', fmt(NOW_MS))
-    redis.call('HDEL', key, 'dr', 'dt')
-    count('dead:' .. class, -1)
+    redis.call('HDEL', key, 'dr', 'dt', 'lw')
+    undead(id, class)
     count('replayed:' .. class, 1)
     make_ready(class, job[4] or '', id, false)
     emit('replayed', id, job[2], class, 0, fmt(replays))
