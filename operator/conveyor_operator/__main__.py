@@ -22,10 +22,11 @@ from kubernetes import client, config
 from conveyor import health, logs
 from conveyor.config import _FromEnv, setting
 from conveyor_operator import handlers
-from conveyor_operator.kube import Kube, preload
+from conveyor_operator.kube import Kube, bound_requests, preload
 from conveyor_operator.leader import LeaseElector
 from conveyor_operator.runtime import Runtime, install
 from conveyor_operator.scaler import Scaler
+from conveyor_operator.watchdog import WatchGuard
 
 log = logging.getLogger("conveyor_operator")
 EXIT_LEASE_LOST = 3
@@ -65,6 +66,11 @@ class OperatorSettings(_FromEnv):
         "Seconds before the API server ends a watch request.",
         env="CONVEYOR_OPERATOR_WATCH_TIMEOUT",
     )
+    request_timeout: float = setting(
+        30.0,
+        "Seconds any other API request may take before it is abandoned and retried.",
+        env="CONVEYOR_OPERATOR_REQUEST_TIMEOUT",
+    )
     log_format: str = setting("text", "text or json.", env="CONVEYOR_LOG_FORMAT")
     log_level: str = setting("INFO", "Log level.", env="CONVEYOR_LOG_LEVEL")
 
@@ -76,7 +82,9 @@ def _load_kube_config() -> None:
         config.load_kube_config()
 
 
-async def _operate(settings: OperatorSettings, scaler: Scaler, elector: LeaseElector) -> int:
+async def _operate(
+    settings: OperatorSettings, scaler: Scaler, elector: LeaseElector, guard: WatchGuard
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     lost = asyncio.Event()
@@ -90,7 +98,9 @@ async def _operate(settings: OperatorSettings, scaler: Scaler, elector: LeaseEle
 
     threading.Thread(target=elector.keep, args=(renewing, on_lost), daemon=True).start()
     handlers.WATCH_TIMEOUT = settings.watch_timeout
+    handlers.REQUEST_TIMEOUT = settings.request_timeout
     scaling = asyncio.create_task(scaler.run(), name="scaler")
+    guarding = asyncio.create_task(guard.run(), name="watch-guard")
     try:
         await kopf.operator(
             standalone=True,
@@ -100,7 +110,8 @@ async def _operate(settings: OperatorSettings, scaler: Scaler, elector: LeaseEle
         )
     finally:
         scaling.cancel()
-        await asyncio.gather(scaling, return_exceptions=True)
+        guarding.cancel()
+        await asyncio.gather(scaling, guarding, return_exceptions=True)
         await scaler.reader.close()
         renewing.set()
     if lost.is_set():
@@ -117,10 +128,21 @@ def main() -> int:
     api = client.ApiClient()
     # Names the replica in every audit entry, so that writes can be told apart per replica.
     api.user_agent = f"conveyor-operator/{identity}"
+    bound_requests(api, connect=min(10.0, settings.request_timeout), read=settings.request_timeout)
+    kube = Kube(api, instance=identity)
+    guard = WatchGuard(
+        kube,
+        settings.namespaces,
+        interval=max(5.0, settings.watch_timeout / 4),
+        # Kopf abandons a silent watch after the client timeout (the watch timeout + 10 s, see
+        # handlers.configure); an object still undelivered a while after that is not late but
+        # lost.
+        grace=settings.watch_timeout + 20.0,
+    )
     leading = threading.Event()
     health.serve(
         settings.health_port,
-        live=lambda: (True, "alive"),
+        live=guard.health,
         ready=lambda: (leading.is_set(), "leader" if leading.is_set() else "standby"),
         host=settings.health_host,
     )
@@ -147,10 +169,9 @@ def main() -> int:
         return 0
     leading.set()
     log.info("operator %s is the leader", identity, extra={"event": "leading"})
-    kube = Kube(api, instance=identity)
     scaler = Scaler(kube, identity)
-    install(Runtime(kube, scaler, identity))
-    return asyncio.run(_operate(settings, scaler, elector))
+    install(Runtime(kube, scaler, identity, guard))
+    return asyncio.run(_operate(settings, scaler, elector, guard))
 
 
 if __name__ == "__main__":

@@ -43,10 +43,19 @@ class Backlog:
     ready: int
     due_delayed: int
     in_flight: int
+    ran: bool = False
+    """Jobs of the class started since the previous poll: in flight was above 0 in between,
+    even if every poll found it 0 (short jobs that a busy worker keeps drained, K15 e)."""
 
     @property
     def total(self) -> int:
         return self.ready + self.due_delayed + self.in_flight
+
+    @property
+    def signal(self) -> int:
+        """The backlog the decision uses: never 0 for a class that ran work since the last poll,
+        so that it reaches zero only after a whole window without any."""
+        return max(self.total, 1) if self.ran else self.total
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,7 @@ class Recommendations:
 
 def recommend(policy: ScalingPolicy, backlog: Backlog, current: int) -> int:
     """Replicas the backlog asks for now, clamped to min/max, with the tolerance band."""
-    total = backlog.total
+    total = backlog.signal
     active = policy.min_replicas > 0 or total > policy.activation_backlog
     raw = math.ceil(total / policy.target_backlog) if active else 0
     if active and total > 0:
@@ -104,6 +113,8 @@ def decide(
         f"backlog {backlog.total} (ready {backlog.ready}, due {backlog.due_delayed}, "
         f"in flight {backlog.in_flight}), target {policy.target_backlog}/replica"
     )
+    if backlog.ran and not backlog.total:
+        signal += ", jobs ran since the last poll"
     if up > current:
         target = up
         if policy.max_step_up:

@@ -19,6 +19,7 @@ import redis.asyncio
 import redis.exceptions
 
 from conveyor import scripts
+from conveyor.connection import connect_async
 from conveyor.keys import PRIORITY_CLASSES, Keyspace
 from conveyor.queue import ClassStats, parse_stats
 
@@ -81,9 +82,9 @@ class BacklogReader:
         client = self._clients.get(target)
         if client is None:
             url = target.url
-            if target.tls and url.startswith("redis://"):
-                url = "rediss://" + url.removeprefix("redis://")
-            client = redis.asyncio.Redis.from_url(
+            if target.tls and url.startswith(("redis://", "redis+sentinel://")):
+                url = "rediss" + url.removeprefix("redis")
+            client = connect_async(
                 url,
                 password=target.password,
                 socket_timeout=PROBE_TIMEOUT,
@@ -106,6 +107,20 @@ class BacklogReader:
             await self.forget(target)
             raise _classify(cause) from exc
         return {row.priority: row for row in parse_stats(raw)}
+
+    async def started(self, target: RedisTarget) -> dict[str, int]:
+        """Jobs started per class since the queue was created (a counter the claim script
+        keeps): what ran between two polls, which no poll may have caught in flight."""
+        client = self.client(target)
+        fields = [f"started:{p}" for p in PRIORITY_CLASSES]
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT * 2):
+                raw = await client.hmget(Keyspace(target.queue).counts, fields)
+        except Exception as exc:
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            await self.forget(target)
+            raise _classify(cause) from exc
+        return {p: int(v or 0) for p, v in zip(PRIORITY_CLASSES, raw, strict=True)}
 
     async def forget(self, target: RedisTarget) -> None:
         client = self._clients.pop(target, None)

@@ -12,17 +12,22 @@ import logging
 from typing import Any, cast
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from conveyor.keys import PRIORITY_CLASSES
 from conveyor_operator import manifests
+from conveyor_operator.kube import unreachable
 from conveyor_operator.metrics import RECONCILES
 from conveyor_operator.runtime import runtime
-from conveyor_operator.spec import GROUP, PLURAL, VERSION, TaskQueueSpec, parse
+from conveyor_operator.spec import GROUP, PLURAL, VERSION, InvalidSpec, TaskQueueSpec, parse
+from conveyor_operator.watchdog import DEPLOYMENTS
 
 log = logging.getLogger(__name__)
 RETRY_CAP = 20.0
 """Longest wait between reconcile retries: a late Secret is served within this (K02)."""
 WATCH_TIMEOUT = 60.0
+"""Set from the operator's settings before Kopf starts."""
+REQUEST_TIMEOUT = 30.0
 """Set from the operator's settings before Kopf starts."""
 
 
@@ -36,7 +41,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # needs cluster-wide CRD rights the chart does not grant (K12): without them it logs 403s
     # for a minute before giving up. TaskQueues and Deployments are known at start-up.
     settings.scanning.disabled = True
-    settings.networking.request_timeout = 30
+    settings.networking.request_timeout = REQUEST_TIMEOUT
     # A request still failing after these retries ends Kopf, and so the process: a watcher
     # refused for good (a 403 after an RBAC change) must not leave a running, "healthy" but
     # blind operator. Kopf's default retries for 54 s; K03 allows 60 s until a restart.
@@ -138,9 +143,24 @@ def _still_wanted(owner: dict[str, Any]) -> bool:
 async def reconcile(body: kopf.Body, retry: int, **_: Any) -> None:
     state = runtime()
     owner = dict(body)
-    spec = parse(owner.get("spec", {}))
     meta = owner["metadata"]
-    secret = await asyncio.to_thread(state.kube.read_secret, meta["namespace"], spec.secret_name)
+    try:
+        spec = parse(owner.get("spec", {}))
+    except InvalidSpec as exc:
+        # What the CRD schema cannot express. No retry can fix it; the next edit of the spec
+        # runs this handler again. Kopf posts the message as an Event on the TaskQueue.
+        RECONCILES.labels("invalid").inc()
+        raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+    try:
+        secret = await asyncio.to_thread(
+            state.kube.read_secret, meta["namespace"], spec.secret_name
+        )
+        changed = [] if secret is None else await asyncio.to_thread(ensure_children, owner, spec)
+    except ApiException as exc:
+        if not unreachable(exc):
+            raise
+        # A timeout is no bug in this handler: retry soon, without a traceback in the log.
+        raise kopf.TemporaryError(exc.reason, delay=min(RETRY_CAP, 2.0 * 2**retry)) from exc
     if secret is None:
         # The scaler reports the missing Secret (condition and one aggregated Event): a second
         # report from here would overwrite its conditions and post a second Event (K02).
@@ -149,7 +169,6 @@ async def reconcile(body: kopf.Body, retry: int, **_: Any) -> None:
             f"Secret {spec.secret_name!r} not found in {meta['namespace']}",
             delay=min(RETRY_CAP, 2.0 * 2**retry),
         )
-    changed = await asyncio.to_thread(ensure_children, owner, spec)
     state.scaler.track(owner)
     RECONCILES.labels("ok").inc()
     if changed:
@@ -165,14 +184,26 @@ async def reconcile(body: kopf.Body, retry: int, **_: Any) -> None:
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def track(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     """Keeps the scaler's view of TaskQueues current, without storing any handler state."""
-    scaler = runtime().scaler
+    state = runtime()
+    scaler = state.scaler
     meta = body["metadata"]
+    state.guard.seen(PLURAL, body, deleted=event.get("type") == "DELETED")
     if event.get("type") == "DELETED" or meta.get("deletionTimestamp") is not None:
         # A TaskQueue being deleted (foreground deletion keeps it visible until its children
         # are gone) is neither scaled nor repaired: that would fight the garbage collector.
         scaler.forget(meta["namespace"], meta["name"])
     else:
-        scaler.track(dict(body))
+        try:
+            scaler.track(dict(body))
+        except InvalidSpec as exc:
+            # The scaler keeps acting on the last valid spec: a typo must not scale to zero.
+            log.warning(
+                "%s/%s has an invalid spec, still scaling by the last valid one: %s",
+                meta["namespace"],
+                meta["name"],
+                exc,
+                extra={"event": "invalid_spec", "taskqueue": meta["name"]},
+            )
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={manifests.LABEL_TASKQUEUE: kopf.PRESENT})
@@ -180,6 +211,7 @@ async def repair(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     """Restores a worker Deployment deleted or edited by hand (drift correction)."""
     state = runtime()
     meta = body["metadata"]
+    state.guard.seen(DEPLOYMENTS, body, deleted=event.get("type") == "DELETED")
     owner_name = meta.get("labels", {}).get(manifests.LABEL_TASKQUEUE)
     known = state.scaler.known.get((meta["namespace"], owner_name or ""))
     if known is None or event.get("type") not in ("DELETED", "MODIFIED"):

@@ -14,10 +14,12 @@ import base64
 import logging
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -37,6 +39,35 @@ def preload() -> None:
     delay the first poll after start-up or failover by as much."""
     for name in ("CoreV1Api", "AppsV1Api", "CustomObjectsApi", "EventsV1Api", "AutoscalingV2Api"):
         getattr(client, name)
+
+
+def bound_requests(api: client.ApiClient, connect: float, read: float) -> None:
+    """Give every request of ``api`` a timeout, and report transport failures as ApiException.
+
+    The generated client waits forever by default: a pooled connection that a middlebox
+    silently dropped (K03) would hang a reconcile, a poll or the Lease renewal for good, with
+    the process still "healthy". Status 0 is what the client itself uses for TLS failures, so
+    every caller that handles ApiException handles a timeout too.
+    """
+    inner: Callable[..., Any] = api.rest_client.request
+    # urllib3 retries an idempotent request three times by default, so one GET on a dead path
+    # would take four timeouts; a read that timed out is not retried at all (callers retry).
+    api.rest_client.pool_manager.connection_pool_kw["retries"] = urllib3.Retry(
+        total=1, read=0, redirect=0
+    )
+
+    def request(*args: Any, _request_timeout: Any = None, **kwargs: Any) -> Any:
+        try:
+            return inner(*args, _request_timeout=_request_timeout or (connect, read), **kwargs)
+        except urllib3.exceptions.HTTPError as exc:
+            raise ApiException(status=0, reason=f"API server unreachable: {exc}") from exc
+
+    api.rest_client.request = request
+
+
+def unreachable(exc: ApiException) -> bool:
+    """Whether ``exc`` is a transport failure (timeout, reset) rather than an API answer."""
+    return not exc.status
 
 
 @dataclass

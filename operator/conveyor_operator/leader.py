@@ -41,13 +41,17 @@ class LeaseElector:
         self.identity = identity
         self.duration = duration
         self.renew_every = renew_every
+        self.timeout = max(1.0, renew_every)
+        """Bound of one Lease request outside renewal (acquire, release)."""
         self._renewed_at = 0.0
 
-    def _try(self) -> bool:
+    def _try(self, timeout: float) -> bool:
         """One attempt to take or renew the Lease; True while this replica holds it."""
         now = _now()
         try:
-            lease = self.api.read_namespaced_lease(self.name, self.namespace)
+            lease = self.api.read_namespaced_lease(
+                self.name, self.namespace, _request_timeout=timeout
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -62,7 +66,7 @@ class LeaseElector:
                 ),
             )
             try:
-                self.api.create_namespaced_lease(self.namespace, body)
+                self.api.create_namespaced_lease(self.namespace, body, _request_timeout=timeout)
             except ApiException as create_exc:
                 if create_exc.status == 409:
                     return False
@@ -87,7 +91,9 @@ class LeaseElector:
         spec.lease_duration_seconds = int(self.duration)
         try:
             # The read's resourceVersion makes this a compare-and-swap: a racing replica gets 409.
-            self.api.replace_namespaced_lease(self.name, self.namespace, lease)
+            self.api.replace_namespaced_lease(
+                self.name, self.namespace, lease, _request_timeout=timeout
+            )
         except ApiException as exc:
             if exc.status == 409:
                 return False
@@ -98,7 +104,7 @@ class LeaseElector:
         """Block until this replica leads (True) or ``stopping`` is set (False)."""
         while not stopping.is_set():
             try:
-                if self._try():
+                if self._try(self.timeout):
                     self._renewed_at = time.monotonic()
                     return True
             except ApiException as exc:
@@ -107,27 +113,43 @@ class LeaseElector:
         return False
 
     def keep(self, stopping: threading.Event, on_lost: Callable[[], None]) -> None:
-        """Renew until ``stopping``; call ``on_lost`` once renewal fails past the deadline."""
+        """Renew until ``stopping``; call ``on_lost`` once renewal fails past the deadline.
+
+        As client-go's elector: a failed renewal is retried at once, each attempt bounded by
+        half the time left, so one dead pooled connection costs one short timeout, not the Lease;
+        and a replica that cannot renew stops acting before a standby may take over.
+        """
         while not stopping.wait(self.renew_every):
-            try:
-                if self._try():
-                    self._renewed_at = time.monotonic()
-                    continue
-            except ApiException as exc:
-                log.warning("lease renewal failed: %s", exc.reason, extra={"event": "lease_error"})
-            # Stop acting before another replica may legitimately take the lease over.
-            if time.monotonic() - self._renewed_at > self.duration - self.renew_every:
-                log.error("lost the operator lease; stopping", extra={"event": "lease_lost"})
-                on_lost()
-                return
+            deadline = self._renewed_at + self.duration - self.renew_every
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.error("lost the operator lease; stopping", extra={"event": "lease_lost"})
+                    on_lost()
+                    return
+                try:
+                    # Half the time left, so a retry on a fresh connection still fits in.
+                    if self._try(min(self.timeout, max(0.5, left / 2))):
+                        self._renewed_at = time.monotonic()
+                        break
+                except ApiException as exc:
+                    log.warning(
+                        "lease renewal failed: %s", exc.reason, extra={"event": "lease_error"}
+                    )
+                if stopping.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
+                    return
 
     def release(self) -> None:
         """Hand the Lease over at once on a clean exit instead of making the standby wait."""
         try:
-            lease = self.api.read_namespaced_lease(self.name, self.namespace)
+            lease = self.api.read_namespaced_lease(
+                self.name, self.namespace, _request_timeout=self.timeout
+            )
             if lease.spec.holder_identity == self.identity:
                 lease.spec.holder_identity = ""
                 lease.spec.renew_time = None
-                self.api.replace_namespaced_lease(self.name, self.namespace, lease)
+                self.api.replace_namespaced_lease(
+                    self.name, self.namespace, lease, _request_timeout=self.timeout
+                )
         except ApiException as exc:
             log.debug("lease release failed: %s", exc.reason)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from conveyor_operator.kube import Kube
 from conveyor_operator.scaler import Scaler
+from conveyor_operator.watchdog import WatchGuard
 
 
 @dataclass
@@ -13,6 +14,7 @@ class Runtime:
     kube: Kube
     scaler: Scaler
     identity: str
+    guard: WatchGuard
 
 
 _state: Runtime | None = None

@@ -27,7 +27,7 @@ from conveyor_operator import conditions
 from conveyor_operator.autoscale import Backlog, Decision, Recommendations, decide
 from conveyor_operator.backlog import BacklogReader, BacklogUnavailable, RedisTarget
 from conveyor_operator.deletion_cost import annotate_for_scale_down
-from conveyor_operator.kube import Kube, now
+from conveyor_operator.kube import Kube, now, unreachable
 from conveyor_operator.manifests import deployment_name
 from conveyor_operator.metrics import LAST_POLL, POLL_ERRORS, SCALE_WRITES
 from conveyor_operator.spec import TaskQueueSpec, parse, rate_limits, schedules_of
@@ -57,6 +57,8 @@ class Known:
     """Why the last scale-down could not annotate pods, until one can again."""
     conflicts: dict[str, str] = field(default_factory=dict)
     """Classes whose Deployment another autoscaler targets, with that autoscaler's name."""
+    started: dict[str, int] = field(default_factory=dict)
+    """Jobs started per class since the queue was created, as of the previous poll."""
     gone: bool = False
     """Set when the TaskQueue is deleted: a poll still in flight must not write any more."""
 
@@ -105,10 +107,20 @@ class Scaler:
             await asyncio.gather(*polling.values(), return_exceptions=True)
 
     async def _poll_logged(self, entry: Known) -> None:
+        meta = entry.body["metadata"]
         try:
             await self.poll(entry)
-        except Exception:
-            meta = entry.body["metadata"]
+        except Exception as exc:
+            if isinstance(exc, ApiException) and unreachable(exc):
+                # Replicas stay as they are; the next poll tries again on a fresh connection.
+                log.warning(
+                    "poll of %s/%s failed: %s",
+                    meta["namespace"],
+                    meta["name"],
+                    exc.reason,
+                    extra={"event": "poll_failed"},
+                )
+                return
             log.exception(
                 "poll of %s/%s failed",
                 meta["namespace"],
@@ -124,6 +136,7 @@ class Scaler:
             return
         try:
             stats = await self.reader.read(target)
+            started = await self.reader.started(target)
         except BacklogUnavailable as exc:
             await self._redis_down(entry, exc.reason, str(exc))
             return
@@ -149,7 +162,10 @@ class Scaler:
             if other is not None:
                 conflicts[priority] = other
                 continue
-            await self._scale_class(entry, priority, dep, stats[priority], target)
+            # Unknown before the first poll (or a restart): only in-flight counts then.
+            ran = started[priority] > entry.started.get(priority, started[priority])
+            await self._scale_class(entry, priority, dep, stats[priority], target, ran=ran)
+        entry.started = started
         await self._report_conflicts(entry, conflicts)
         await self._write_status(
             entry,
@@ -296,7 +312,14 @@ class Scaler:
         await self._patch_status(entry, status)
 
     async def _scale_class(
-        self, entry: Known, priority: str, dep: Any, stats: ClassStats, target: RedisTarget
+        self,
+        entry: Known,
+        priority: str,
+        dep: Any,
+        stats: ClassStats,
+        target: RedisTarget,
+        *,
+        ran: bool,
     ) -> None:
         meta = entry.body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
@@ -312,7 +335,7 @@ class Scaler:
             )
         history = entry.histories.setdefault(priority, Recommendations())
         policy = entry.spec.cls(priority).policy
-        backlog = Backlog(stats.ready, stats.due_delayed, stats.in_flight)
+        backlog = Backlog(stats.ready, stats.due_delayed, stats.in_flight, ran=ran)
         decision = decide(policy, backlog, current, history, time.monotonic())
         if entry.spec.paused:
             decision = Decision(0, 0, "TaskQueue is paused")

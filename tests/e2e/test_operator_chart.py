@@ -18,6 +18,7 @@ import yaml
 from conveyor.local import free_port
 from tests.e2e.conftest import (
     CHART,
+    CLASSES,
     E2E,
     GROUP,
     OPERATOR_SA,
@@ -26,6 +27,7 @@ from tests.e2e.conftest import (
     POLL,
     VERSION,
     helm,
+    replicas_manager,
     wait_for,
 )
 
@@ -267,3 +269,90 @@ def test_scale_down_without_the_right_to_annotate_pods_warns_and_recovers_withou
         2 * POLL + 5,
         "the Scaling condition to recover",
     )
+
+
+def test_helm_upgrade_with_changed_values_leaves_worker_replicas_to_the_operator(op: E2E) -> None:
+    """K07 (d), the Helm half: the chart never renders worker Deployments, so an upgrade that
+    changes the example TaskQueue's worker image rolls the workers out through the operator
+    without any write to ``spec.replicas``; an upgrade changing nothing writes nothing."""
+    release = f"u{op.ns[-8:]}"
+    tq = f"{release}-example"
+    values = [
+        "--namespace",
+        op.ns,
+        "--set",
+        "exampleTaskQueue.enabled=true",
+        "--set",
+        f"exampleTaskQueue.redisUrl={op.redis_url}",
+        "--set",
+        f"exampleTaskQueue.queue={op.queue}",
+    ]
+    installed = helm(op.cluster, "install", release, str(CHART), *values, check=False)
+    assert installed.returncode == 0, installed.stderr
+    op.on_teardown(lambda: helm(op.cluster, "uninstall", release, "--namespace", op.ns))
+    op.wait_deployments(tq)
+    poll = float(op.get_tq(tq)["spec"]["scaling"]["pollIntervalSeconds"])
+    op.enqueue(30, "normal")
+    op.wait_scale(f"{tq}-normal", 3, poll + 10)
+    wait_for(lambda: op.status(tq).get("classes"), 2 * poll + 5, "a first status")
+
+    names = {p: f"{tq}-{p}" for p in CLASSES}
+    before = {p: op.scale(name) for p, name in names.items()}
+    assert before == {"critical": 1, "high": 0, "normal": 3, "low": 0}
+    managers = {p: replicas_manager(op.deployment_dict(name)) for p, name in names.items()}
+    histories = {p: op.history(name) for p, name in names.items()}
+    upgraded_at = time.time()
+    new_image = "ghcr.io/example/conveyor-worker:0.2.0"
+    upgraded = helm(
+        op.cluster,
+        "upgrade",
+        release,
+        str(CHART),
+        *values,
+        "--set",
+        f"exampleTaskQueue.workerImage={new_image}",
+        "--set",
+        "operator.replicas=1",
+        check=False,
+    )
+    assert upgraded.returncode == 0, upgraded.stderr
+    wait_for(
+        lambda: all(
+            op.apps.read_namespaced_deployment(name, op.ns).spec.template.spec.containers[0].image
+            == new_image
+            for name in names.values()
+        ),
+        poll + 10,
+        "the new worker image in every worker Deployment",
+    )
+    # The same values again: nothing to change.
+    again = helm(
+        op.cluster,
+        "upgrade",
+        release,
+        str(CHART),
+        *values,
+        "--set",
+        f"exampleTaskQueue.workerImage={new_image}",
+        "--set",
+        "operator.replicas=1",
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr
+    time.sleep(3 * poll)
+
+    for p, name in names.items():
+        assert {r for _, r, _, _ in histories[p].entries} == {before[p]}, (p, histories[p].entries)
+        assert {m for _, _, _, m in histories[p].entries} == {managers[p]}, p
+        assert op.scale(name) == before[p]
+    writes = [
+        e
+        for e in op.cluster.audit(resource="deployments", since=upgraded_at, namespace=op.ns)
+        if e.name in names.values()
+        and e.verb in ("create", "update", "patch")
+        # The deployment controller's status updates during the rollout are no fight.
+        and (e.subresource == "scale" or (not e.subresource and e.user != OPERATOR_USER))
+    ]
+    assert writes == [], [(e.user, e.verb, e.name, e.subresource) for e in writes]
+    # The upgrade replaced the TaskQueue's spec, not its status.
+    assert op.status(tq).get("classes")

@@ -256,3 +256,45 @@ def _cost_before(costs: list[tuple[float, str, Any]], pod: str, at: float) -> in
     assert values, f"no event of {pod} before the scale write"
     assert values[-1] is not None, f"{pod} had no deletion cost at the scale write"
     return int(values[-1])
+
+
+def test_a_busy_worker_that_keeps_its_class_drained_is_never_scaled_to_zero(op: E2E) -> None:
+    """K15 (e): one worker, a 0.5 s job every second: ready stays about 0, but the work is real.
+
+    Zero may come only once ready, due and in flight have all been 0 for a whole scale-down
+    window, measured here from 50 ms samples of the backlog and the ledger's last job end.
+    """
+    op.apply_tq(op.taskqueue())
+    op.wait_deployments()
+    ledger = Ledger.at(op.redis_url, f"ledger:{op.queue}")
+    op.on_teardown(ledger.close)
+    op.workers("low", concurrency=1)
+    history = op.history("tq-low")
+    samples = op.watch_backlog("low")
+
+    arrivals = 6 * DOWN_WINDOW
+    first = op.enqueue(1, "low", payload={"seconds": 0.5})
+    for _ in range(arrivals - 1):
+        time.sleep(1.0)
+        op.enqueue(1, "low", payload={"seconds": 0.5})
+    last = time.time()
+    up = history.wait_first(lambda r: r >= 1)
+    record_timing("scale_from_zero_steady_trickle", up - first)
+    assert up - first <= POLL + 1 + MARGIN
+
+    finished = max(r["t_end"] for r in ledger.wait_rows(arrivals, 30, outcome="ok"))
+    op.wait_scale("tq-low", 0, DOWN_WINDOW + 15)
+    zero = history.wait_first(lambda r: r == 0, after=up)
+
+    # The scenario is the one the case describes: in flight most of the time, ready about 0.
+    during = [backlog for t, backlog in samples if first + 1 <= t <= last]
+    assert during
+    assert max(during) <= 2, max(during)
+    busy_share = sum(1 for b in during if b > 0) / len(during)
+    assert busy_share >= 0.3, busy_share
+    assert history.replicas() == [0, 1, 0], history.changes()
+    last_busy = max(t for t, backlog in samples if backlog > 0)
+    assert last_busy >= finished - 0.2, "the samples missed the last job"
+    assert zero >= last_busy + DOWN_WINDOW - POLL - 0.3, (zero - last_busy, history.changes())
+    record_timing("steady_trickle_end_to_zero_extra", zero - finished - DOWN_WINDOW)
+    assert zero <= finished + DOWN_WINDOW + POLL + MARGIN

@@ -811,7 +811,9 @@ class K8sCluster:
         path.chmod(0o600)
         return path
 
-    def _write_kubeconfig(self, path: Path, user: str, credentials: Mapping[str, str]) -> Path:
+    def _write_kubeconfig(
+        self, path: Path, user: str, credentials: Mapping[str, str], server: str | None = None
+    ) -> Path:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -819,7 +821,7 @@ class K8sCluster:
                 {
                     "name": _CONTEXT,
                     "cluster": {
-                        "server": self.server,
+                        "server": server or self.server,
                         "certificate-authority-data": _b64(self.ca_file),
                     },
                 }
@@ -866,6 +868,28 @@ class K8sCluster:
                 "client-key-data": base64.b64encode(key).decode(),
             },
         )
+
+    def server_cert(self, name: str, ip: str = "127.0.0.1") -> tuple[Path, Path]:
+        """(cert, key) files of a serving cert for ``ip`` signed by the cluster CA.
+
+        For a test's own TLS endpoint in front of the apiserver (a fault-injecting proxy):
+        every kubeconfig of this cluster already trusts it.
+        """
+        if self._ca is None:
+            raise RuntimeError("cluster not started")
+        cert, key = self._ca.issue(name, dns_names=("localhost",), ip_addresses=(ip,))
+        return (
+            self._write(self.pki_dir / f"{name}.crt", cert),
+            self._write(self.pki_dir / f"{name}.key", key),
+        )
+
+    def via(self, kubeconfig: Path, server: str) -> Path:
+        """A copy of ``kubeconfig`` (one this cluster wrote) whose server is ``server``."""
+        config = json.loads(kubeconfig.read_text())
+        for entry in config["clusters"]:
+            entry["cluster"]["server"] = server
+        target = kubeconfig.with_name(f"{kubeconfig.stem}-via-{server.rsplit(':', 1)[-1]}.json")
+        return self._write(target, json.dumps(config, indent=2).encode())
 
     def user_kubeconfig(self, user: str) -> Path:
         """Kubeconfig for one of the static token users (see DEFAULT_STATIC_USERS)."""

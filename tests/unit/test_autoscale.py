@@ -102,3 +102,17 @@ def test_scale_down_step_is_bounded() -> None:
     policy = ScalingPolicy(target_backlog=1, scale_down_window=0, max_step_down=2)
     history = Recommendations()
     assert decide(policy, backlog(), 7, history, now=0).replicas == 5
+
+
+def test_a_class_that_ran_work_since_the_last_poll_is_not_idle() -> None:
+    """K15 (e): polls that all miss a short job in flight must not read the class as idle."""
+    idle = Backlog(0, 0, 0)
+    ran = Backlog(0, 0, 0, ran=True)
+    policy = ScalingPolicy(min_replicas=0, target_backlog=10)
+    assert recommend(policy, idle, current=1) == 0
+    assert recommend(policy, ran, current=1) == 1
+    assert recommend(policy, ran, current=0) == 1
+    # An activation threshold still applies: one job in an interval is one job.
+    assert recommend(ScalingPolicy(activation_backlog=5), ran, current=0) == 0
+    # It is a floor, not extra backlog.
+    assert recommend(policy, Backlog(25, 0, 0, ran=True), current=0) == 3
