@@ -3,6 +3,7 @@
 python bench/run.py --quick                      # smoke test of the whole matrix
 python bench/run.py                              # 3 runs, full sizes
 python bench/run.py --systems conveyor,bullmq --runs 5
+python bench/run.py --scaling-only               # Conveyor's cost per job, 10^4 to 10^6 queued
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import ceiling, envs, report, scenarios
+from harness import ceiling, envs, report, scaling, scaling_report, scenarios
 from harness.driver import DriverClient
 from harness.procs import CommandError
 from harness.redis_server import RedisServer
@@ -44,6 +45,18 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reinstall", action="store_true", help="rebuild the peers' environments")
     p.add_argument("--skip-ceiling", action="store_true", help="do not run redis-benchmark")
     p.add_argument("--out", type=Path, help="results directory (default bench/results/<time>)")
+    p.add_argument(
+        "--scaling-only",
+        action="store_true",
+        help="only Conveyor's cost per job from 10^4 to 10^6 queued jobs (no ceiling, no peers)",
+    )
+    p.add_argument("--skip-scaling", action="store_true", help="leave out the scaling scenario")
+    p.add_argument(
+        "--scaling-k",
+        help="comma-separated backlog sizes for the scaling scenario (default 10000,100000,"
+        "1000000; 10000,100000 with --quick)",
+    )
+    p.add_argument("--scaling-drain", type=int, help="jobs drained per backlog size")
     return p.parse_args(argv)
 
 
@@ -53,6 +66,17 @@ def _sizes(args: argparse.Namespace) -> scenarios.Sizes:
         sizes = dataclasses.replace(sizes, jobs=args.jobs)
     if args.drain_cap:
         sizes = dataclasses.replace(sizes, drain_cap_s=args.drain_cap)
+    return sizes
+
+
+def _scaling_sizes(args: argparse.Namespace) -> scaling.ScalingSizes:
+    sizes = scaling.SCALING_QUICK if args.quick else scaling.SCALING_DEFAULT
+    if args.scaling_k:
+        sizes = dataclasses.replace(
+            sizes, ks=tuple(int(k.replace("_", "")) for k in args.scaling_k.split(","))
+        )
+    if args.scaling_drain:
+        sizes = dataclasses.replace(sizes, drain=args.scaling_drain)
     return sizes
 
 
@@ -69,6 +93,9 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.sizes = _sizes(args)
+        self.scaling_sizes = _scaling_sizes(args)
+        if args.scaling_only:
+            args.systems, args.skip_ceiling = scaling.SYSTEM, True
         self.runs = args.runs or (1 if args.quick else 3)
         self.selected = by_name([n.strip() for n in args.systems.split(",") if n.strip()])
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -120,6 +147,10 @@ class Bench:
         ]
         if entry["info"].get("priority"):
             steps.append(("critical", scenarios.critical))
+        if self.args.scaling_only:
+            steps = []
+        if name == scaling.SYSTEM and not self.args.skip_scaling:
+            steps.append(("scaling", lambda c: scaling.run(c, self.scaling_sizes, _log)))
         for step, fn in steps:
             started = time.monotonic()
             try:
@@ -146,10 +177,12 @@ class Bench:
             _log(f"redis-benchmark FAILED: {exc}")
 
     def summarize(self) -> None:
+        conveyor = self.results["systems"].get(scaling.SYSTEM, {})
+        self.results["scaling"] = scaling_report.summarize(conveyor.get("runs", []))
         for entry in self.results["systems"].values():
             if entry.get("status") == "ok":
                 entry["summary"] = report.aggregate(entry)
-                if not entry["summary"] and entry["errors"]:
+                if not entry["summary"] and entry["errors"] and not self.args.scaling_only:
                     entry.update(
                         status="failed",
                         error="; ".join(f"{k}: {v}" for k, v in entry["errors"].items()),
@@ -175,6 +208,8 @@ class Bench:
             self.results["meta"] = {
                 "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 "mode": "quick" if self.args.quick else "full",
+                "scaling_only": self.args.scaling_only,
+                "scaling_sizes": dataclasses.asdict(self.scaling_sizes),
                 "runs": self.runs,
                 "sizes": dataclasses.asdict(s),
                 "sizes_text": (

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from harness import scaling_report
 from harness.stats import summary
 
 
@@ -157,6 +158,10 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"Sizes: {meta['sizes_text']}.",
         "",
+    ]
+    if meta.get("scaling_only"):
+        return "\n".join([*lines[:-3], "", *scaling_report.render(results)]) + "\n"
+    lines += [
         "## Results",
         "",
         "| Figure | " + " | ".join(s["label"] for s in systems) + " |",
@@ -194,6 +199,7 @@ def render(results: dict[str, Any]) -> str:
             brow = [_ratio(_median(s, key), bref, metric.higher_is_better) for s in systems]
             lines.append(f"| {metric.label} vs BullMQ | BullMQ | " + " | ".join(brow) + " |")
     lines += ["", *_ceiling_lines(results), *_fraction_lines(results, systems)]
+    lines += scaling_report.render(results)
     lines += _target_lines(results, python_peers, bullmq)
     return "\n".join(lines) + "\n"
 
@@ -301,8 +307,8 @@ def _target_lines(
         else:
             verdict = "yes" if got >= need else f"no: short by {100 * (1 - got / need):.0f}%"
             lines.append(f"| {label} | {got:.2f}{TIMES} | {verdict} |")
+    measured, met = scaling_report.verdict(results.get("scaling"))
     lines.append(
-        "| Per-job cost flat (±20%) from 10,000 to 1,000,000 queued | — | not measured by this "
-        "harness yet |"
+        f"| Per-job cost flat (±20%) from 10,000 to 1,000,000 queued | {measured} | {met} |"
     )
     return [*lines, ""]

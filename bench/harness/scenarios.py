@@ -166,33 +166,46 @@ def critical(ctx: Context) -> dict[str, Any]:
         s.batch,
         timeout=s.enqueue_timeout(s.low_jobs),
     )
-    worker = ctx.driver.start_worker(1, ["critical", "low"], f"critical-run{ctx.run}")
+    return critical_probes(ctx, "low", s.low_jobs, s.critical_samples, f"critical-run{ctx.run}")
+
+
+def critical_probes(
+    ctx: Context, backlog_lane: str, backlog: int, samples: int, tag: str
+) -> dict[str, Any]:
+    """Critical probes against a worker busy on an already-queued backlog of `backlog` jobs.
+
+    The backlog counts from the `bench:done` reading when the worker starts, so a caller may
+    hand over a queue another worker has partly drained.
+    """
+    s = ctx.sizes
+    done_before = ctx.done()[0]
+    worker = ctx.driver.start_worker(1, ["critical", backlog_lane], tag)
     try:
         deadline = time.monotonic() + 120
-        while ctx.done()[0] == 0:
+        while ctx.done()[0] == done_before:
             if not worker.alive():
                 raise CommandError(f"worker exited: {worker.log_tail(600)}")
             if time.monotonic() > deadline:
-                raise CommandError("worker did not start on the low backlog within 120 s")
+                raise CommandError("worker did not start on the backlog within 120 s")
             time.sleep(POLL_S)
         ans = ctx.driver.call(
             "probe",
             "--samples",
-            s.critical_samples,
+            samples,
             "--warmup",
             2,
             "--gap-ms",
             s.gap_ms,
             "--lane",
             "critical",
-            timeout=180 + s.critical_samples * 2.0,
+            timeout=180 + samples * 2.0,
         )
-        remaining = s.low_jobs - ctx.done()[0]
+        remaining = backlog - (ctx.done()[0] - done_before)
     finally:
         _stop(worker)
     out = _latency_figures("critical", ans["latencies_ms"])
     out["critical_low_remaining"] = remaining
     if remaining <= 0:
         # Without a backlog this degenerates into idle pickup; say so rather than mislead.
-        out["critical_note"] = "low backlog ran out before sampling ended"
+        out["critical_note"] = f"{backlog_lane} backlog ran out before sampling ended"
     return out
