@@ -206,3 +206,16 @@ def test_a_moved_primary_is_logged_once_per_process_however_many_clients_see_it(
     ]
     for client in clients:
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis+sentinel://127.0.0.1:26379/0", "looks like a database number"),
+        ("redis+sentinel://a:26379;b:26379/mymaster", "separate hosts with ','"),
+        ("redis+sentinel://a:26379, b:26379/mymaster", "separate hosts with ','"),
+    ],
+)
+def test_sentinel_url_mistakes_a_user_makes_are_named(url: str, problem: str) -> None:
+    with pytest.raises(InvalidRedisURL, match=problem):
+        parse_sentinel_url(url)

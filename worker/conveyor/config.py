@@ -61,7 +61,11 @@ def _parse(name: str, raw: str, hint: Any) -> Any:
             return tuple(part.strip() for part in raw.split(",") if part.strip())
         return raw
     except ValueError as exc:
-        raise ConfigError(f"{name}={raw!r} is not a valid {hint}") from exc
+        kind = {int: "whole number", float: "number", bool: "yes/no value"}.get(
+            {"int": int, "float": float, "bool": bool}.get(hint, hint), str(hint)
+        )
+        setting_name = name.removeprefix(ENV_PREFIX).lower().replace("_", "-")
+        raise ConfigError(f"{raw!r} is not a valid {kind} for --{setting_name} / {name}") from exc
 
 
 @dataclass(frozen=True)

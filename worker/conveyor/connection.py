@@ -125,6 +125,10 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     service, _, db_text = path.strip("/").partition("/")
     if not service:
         raise invalid("no service name: add /<name the sentinels monitor> after the hosts")
+    if service.isdigit() and not db_text:
+        raise invalid(
+            f"service name {service!r} looks like a database number; the form is /<service>/<db>"
+        )
     if "/" in db_text:
         raise invalid("the path has more than a service name and a database number")
     if db_text and not (db_text.isascii() and db_text.isdigit()):
@@ -165,6 +169,9 @@ def _member(text: str, invalid: Callable[[str], InvalidRedisURL]) -> tuple[str, 
         host, _, port_text = text.rpartition(":")
     if not host:
         raise invalid("a sentinel address has no host (empty item in the host list?)")
+    if any(c.isspace() or c in ";|" for c in host):
+        # 'a:26379; b:26379' would reach DNS as one odd host name, with a baffling error.
+        raise invalid(f"sentinel address {text!r}: separate hosts with ',' and no spaces")
     if not port_text:
         return host, SENTINEL_PORT
     if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:

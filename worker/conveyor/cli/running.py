@@ -65,6 +65,7 @@ def _worker(obj: Context, /, modules: tuple[str, ...], check: bool, **options: A
         )
         click.echo(json.dumps(shown, indent=2))
         return
+    _import_handlers(settings.import_path)
     logs.configure(settings.log_level, settings.log_format)
     if settings.metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Worker processes write their metrics here; the supervisor's endpoint sums them.
@@ -92,6 +93,27 @@ def _worker(obj: Context, /, modules: tuple[str, ...], check: bool, **options: A
             collectors=[QueueCollector(queue)],
         )
     sys.exit(supervisor.run())
+
+
+def _import_handlers(modules: tuple[str, ...]) -> None:
+    """Import the handler modules once here, before any worker process starts: a module that
+    cannot be imported would otherwise crash every process the supervisor restarts, forever,
+    and a worker with no handlers would dead-letter every job it claims."""
+    from conveyor.registry import default_registry
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            raise click.ClickException(
+                f"cannot import handler module {module!r}: {type(exc).__name__}: {exc}"
+                " (run from the directory that holds it, or set PYTHONPATH)"
+            ) from exc
+    if not default_registry.job_types():
+        raise click.ClickException(
+            "no job handlers registered: name the modules that define them, e.g. "
+            "`conveyor worker myapp.tasks` (or set CONVEYOR_IMPORT)"
+        )
 
 
 def _settings(obj: Context, modules: tuple[str, ...], options: dict[str, Any]) -> WorkerSettings:

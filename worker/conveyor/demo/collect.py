@@ -144,7 +144,7 @@ def collect(run: Run) -> Result:
         f"the SMTP server received {run.mail.messages:,} messages for {emails:,} welcome emails"
         + _again(resent),
         f"the webhook endpoint answered {_statuses(run.webhooks.statuses)}" + _again(redelivered),
-        "attempts recovered from expired leases (the killed worker's jobs) and run again: "
+        "attempts the killed worker's supervisor gave back (worker_lost) and run again: "
         f"{t.failed_attempts['worker_lost']}",
     ]
     return Result(

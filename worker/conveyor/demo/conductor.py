@@ -8,7 +8,7 @@ import time
 from collections import deque
 
 from conveyor.demo.accounting import Produced
-from conveyor.demo.fleet import LEASE_TTL, POOLS, Fleet, Harm
+from conveyor.demo.fleet import POOLS, Fleet, Harm
 from conveyor.demo.ledger import LedgerKeys, completed_per_class
 from conveyor.demo.live import Dashboard
 from conveyor.demo.scenario import Moment, Scenario
@@ -101,7 +101,7 @@ class Conductor:
         if moment.kind == "kill":
             # The general pool holds the long-running jobs: the most to recover.
             sig, pools = signal.SIGKILL, ("general",)
-            what = f"its leases expire within {LEASE_TTL:g}s and other workers run those jobs"
+            what = "its supervisor hands its jobs back to the queue at once and replaces it"
         else:
             sig, pools = signal.SIGTERM, tuple(p.name for p in POOLS)
             what = "it stops claiming, lets them finish, exits and is replaced"

@@ -2,7 +2,7 @@
 
 A "fast lane" serves only critical and high jobs and a "general" pool serves every class, the
 way per-class Deployments would run in a cluster. Midway the demo ``kill -9``s one worker
-process (its leases expire and other workers recover its jobs) and SIGTERMs another (it drains);
+process (its supervisor gives its jobs back at once) and SIGTERMs another (it drains);
 each supervisor replaces its lost process. Worker processes are found through their records in
 Redis and checked to be children of a supervisor this module started before any signal is sent.
 """
