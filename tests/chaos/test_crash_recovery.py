@@ -181,9 +181,10 @@ def test_a_worker_process_that_dies_has_its_jobs_recovered_by_its_supervisor_at_
         assert info.attempts == 2
         assert [(e["attempt"], e["reason"]) for e in info.errors] == [(1, "worker_lost")]
         assert "SIGKILL" in info.errors[0]["error"]
-    died = worker.logs(event="process_died")
-    assert len(died) == 1
-    assert "recovered its 3 leased jobs" in died[0]["message"]
+    assert len(worker.logs(event="process_died")) == 1
+    released = worker.logs(event="process_released")
+    assert len(released) == 1
+    assert "recovered 3 leased jobs" in released[0]["message"]
     assert_conserved(redis_client, tracked.keys.queue, ids)
 
 

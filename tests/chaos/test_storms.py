@@ -29,7 +29,7 @@ import pytest
 import redis
 
 from conveyor.queue import Queue
-from tests.support.storm import Producer, Storm, audit, identity, storm_specs, wait_drained
+from tests.support.storm import Producer, Storm, audit, storm_specs, wait_drained
 from tests.support.workers import Ledger, Workers, assert_conserved
 
 pytest_plugins = ["tests.support.worker_fixtures"]
@@ -134,7 +134,7 @@ def test_kill_storm_loses_nothing_and_reruns_only_what_the_killed_workers_held(
     taken = assert_conserved(client, keys.queue, producer.accepted)
     finished = taken.states["done"] | taken.states["dead"]
     lost = [job_id for job_id in producer.accepted if job_id not in finished]
-    killed = {identity(pid) for strike in storm.strikes for pid in strike.pids}
+    killed = {owner for strike in storm.strikes for _, owner in strike.held}
     result = audit(client, keys, producer.kinds, job_ledger.rows(), killed=killed)
     held = set().union(*(strike.held for strike in storm.strikes))
     held_per_kill = [len(strike.held) for strike in storm.strikes]

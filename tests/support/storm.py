@@ -15,7 +15,6 @@ import contextlib
 import os
 import random
 import signal
-import socket
 import threading
 import time
 from collections import Counter, defaultdict
@@ -38,10 +37,10 @@ ENDED = {"ok": "completed", "error": "error", "permanent": "permanent_error"}
 SHUTDOWN = "conveyor:shutdown"
 
 
-def identity(pid: int) -> str:
-    """A worker process's identity, which begins its lease tokens (``WorkerSettings.identity``;
-    ``Workers`` sets no worker name, and ``POD_NAME`` passes through from the environment)."""
-    return f"{os.environ.get('POD_NAME') or socket.gethostname()}:{pid}"
+def pid_of(identity: str) -> int:
+    """The pid in a worker process's identity (``<host>:<pid>:<supervisor tag>``, see
+    ``WorkerSettings.identity_of``; ``Workers`` sets no worker name)."""
+    return int(identity.split(":")[1])
 
 
 # -- the jobs ------------------------------------------------------------------------------------
@@ -130,7 +129,7 @@ class Strike:
 
 def leases_held(client: redis.Redis, keys: Keyspace, pids: Iterable[int]) -> set[tuple[str, str]]:
     """(job id, identity) of every active lease whose token names one of ``pids``."""
-    owners = {identity(pid) + "/": identity(pid) for pid in pids}
+    wanted = set(pids)
     leased = [
         job_id.decode()
         for c in PRIORITY_CLASSES
@@ -142,9 +141,9 @@ def leases_held(client: redis.Redis, keys: Keyspace, pids: Iterable[int]) -> set
     held = set()
     for job_id, (state, token) in zip(leased, pipe.execute(), strict=True):
         if state == b"active" and token:
-            prefix = token.decode().split("/", 1)[0] + "/"
-            if prefix in owners:
-                held.add((job_id, owners[prefix]))
+            owner = token.decode().split("/", 1)[0]
+            if pid_of(owner) in wanted:
+                held.add((job_id, owner))
     return held
 
 

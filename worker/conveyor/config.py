@@ -135,6 +135,7 @@ class WorkerSettings(_FromEnv):
         "", "Name in heartbeats, before ':<pid>'; defaults to the pod name, else the host name."
     )
     pod_name: str = setting("", "Kubernetes pod name (downward API).", env="POD_NAME")
+    instance: str = setting("", "Set by the supervisor: the tag that ends its processes' ids.")
     metrics_port: int = setting(0, "Port of the Prometheus and health endpoint; 0 disables it.")
     metrics_host: str = setting(
         "0.0.0.0",
@@ -173,7 +174,10 @@ class WorkerSettings(_FromEnv):
         return self.identity_of(os.getpid())
 
     def identity_of(self, pid: int) -> str:
-        """The identity of the worker process ``pid`` started with these settings. The pid is
-        always part of it: the processes of one pod share its name, and lease tokens (which
-        begin with the identity) must differ between processes."""
-        return f"{self.worker_name or self.pod_name or socket.gethostname()}:{pid}"
+        """The identity of the worker process ``pid`` started with these settings. Lease tokens
+        begin with it, and a supervisor recovers the leases of a dead process by it, so it must
+        name one process: the pid tells apart the processes of one supervisor, the instance
+        tag (random, set by the supervisor) supervisors whose pids repeat (one per container,
+        each in its own PID namespace, under one worker or pod name)."""
+        name = f"{self.worker_name or self.pod_name or socket.gethostname()}:{pid}"
+        return f"{name}:{self.instance}" if self.instance else name

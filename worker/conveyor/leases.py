@@ -148,7 +148,10 @@ class LeaseClient:
         n, lease_ttl_ms, token_prefix, classes = claim
         pool = blocking.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]  # redis-py
-        replies = 0
+        # Every reply is read, error replies included: Redis runs the claim whatever became
+        # of the two commands before it, and a claim whose reply went unread would leave its
+        # jobs leased to nobody until their leases expired.
+        replies: list[Any] = []
         try:
             await connection.send_packed_command(
                 connection.pack_commands(
@@ -168,20 +171,19 @@ class LeaseClient:
                     ]
                 )
             )
-            waiting_as(int(await connection.read_response()))
-            replies = 1
-            await connection.read_response()
-            replies = 2
-            waiting_as(None)
-            raw = await connection.read_response()
-            replies = 3
-        except redis.exceptions.NoScriptError:
-            return None
+            while len(replies) < 3:
+                try:
+                    replies.append(await connection.read_response())
+                except redis.exceptions.ResponseError as exc:  # the connection is still in step
+                    replies.append(exc)
+                if len(replies) == 1:
+                    waiting_as(replies[0] if isinstance(replies[0], int) else None)
+                elif len(replies) == 2:
+                    waiting_as(None)
         except BaseException as exc:
             waiting_as(None)
-            if replies < 3:
-                # Unread replies would be taken for the answers to the next commands.
-                await connection.disconnect()
+            # Unread replies would be taken for the answers to the next commands.
+            await connection.disconnect()
             if isinstance(exc, redis.exceptions.RedisError):
                 raise translate_redis_error(exc, "claim") from exc
             if isinstance(exc, OSError):
@@ -189,7 +191,17 @@ class LeaseClient:
             raise
         finally:
             await pool.release(connection)
-        return _parse_claim(raw)
+        _, woken, raw = replies
+        if isinstance(raw, redis.exceptions.NoScriptError):
+            return None
+        if isinstance(raw, redis.exceptions.ResponseError):
+            raise translate_redis_error(raw, "claim") from raw
+        result = _parse_claim(raw)
+        if isinstance(woken, redis.exceptions.ResponseError) and not result.jobs:
+            # The wait itself fails (a wake-up key of the wrong type, say): the caller backs
+            # off instead of spinning on an error that returns at once.
+            raise translate_redis_error(woken, "wait for work") from woken
+        return result
 
     async def ack(self, done: list[tuple[str, str, int]]) -> list[str]:
         """Acknowledge (id, token, runtime ms) triples; returns ids whose lease was lost."""

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -158,22 +159,41 @@ class Supervisor:
             return
         cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
         log.error(
-            "worker process %d %s; %s",
+            "worker process %d %s%s",
             child.process.pid,
             cause,
-            self._release(child.process.pid, cause),
+            "; recovering its leased jobs now" if self.release else "",
             extra={"event": "process_died"},
         )
+        if self.release is not None:
+            # In a thread: a Redis that hangs must not stall supervision (and liveness).
+            threading.Thread(
+                target=self._release,
+                args=(self.release, child.process.pid, cause),
+                name=f"release-{child.process.pid}",
+                daemon=True,
+            ).start()
 
-    def _release(self, pid: int, cause: str) -> str:
+    @staticmethod
+    def _release(release: Release, pid: int, cause: str) -> None:
         """Its jobs would otherwise wait out their leases (``lease_ttl``) before running again."""
-        if self.release is None:
-            return "its jobs return when their leases expire"
         try:
-            released = self.release(pid, f"worker process {pid} {cause}")
+            released = release(pid, f"worker process {pid} {cause}")
         except ConveyorError as exc:
-            return f"its jobs return when their leases expire (recovering them now failed: {exc})"
-        return f"recovered its {released} leased jobs at once"
+            log.warning(
+                "could not recover the jobs of dead worker process %d now (%s); they return "
+                "when their leases expire",
+                pid,
+                exc,
+                extra={"event": "release_failed"},
+            )
+            return
+        log.info(
+            "recovered %d leased jobs of dead worker process %d",
+            released,
+            pid,
+            extra={"event": "process_released"},
+        )
 
 
 def _kill_group(pid: int) -> None:

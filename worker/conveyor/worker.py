@@ -100,6 +100,7 @@ class Worker:
         self.held: deque[tuple[Running, int]] = deque()
         self._cautious = False
         self._waiting_id: int | None = None
+        self._wait_refused = False
         """Redis client id of the connection blocked waiting for work, while it waits."""
         self.draining = asyncio.Event()
         self.closing = asyncio.Event()
@@ -329,7 +330,9 @@ class Worker:
             )
         )
         try:
-            return await asyncio.shield(exchange)
+            result = await asyncio.shield(exchange)
+            self._wait_refused = False
+            return result
         except asyncio.CancelledError:
             # A drain: end the wait at once, then give back whatever the claim leased.
             if self._waiting_id is not None:
@@ -337,8 +340,20 @@ class Worker:
                     await self.redis.client_unblock(self._waiting_id)
             await self._hand_back_claim(exchange)
             raise
+        except BackendUnavailable as exc:
+            self.outage.failed("wait for work", exc)
+            await asyncio.sleep(min(timeout, 1.0))
+            return None
         except ConveyorError as exc:
-            log.debug("wait for work failed: %s", exc)
+            # Redis refuses the wait itself (a wake-up key of the wrong type, CLIENT renamed
+            # away): claiming goes on at the sweep pace, with one warning until it recovers.
+            if not self._wait_refused:
+                log.warning(
+                    "waiting for work refused by Redis, polling instead: %s",
+                    exc,
+                    extra={"event": "wait_refused"},
+                )
+            self._wait_refused = True
             await asyncio.sleep(min(timeout, 1.0))
             return None
 

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import sys
 import tempfile
 from typing import Any
@@ -29,7 +30,7 @@ SETTINGS_ENV = "CONVEYOR_SETTINGS_JSON"
 def _worker_options() -> list[Any]:
     """One CLI option per WorkerSettings field, named and documented from the field."""
     options = []
-    skip = {"redis_url", "queue", "import_path"}
+    skip = {"redis_url", "queue", "import_path", "instance"}
     for f in dataclasses.fields(WorkerSettings):
         if f.name in skip:
             continue
@@ -70,6 +71,7 @@ def _worker(obj: Context, /, modules: tuple[str, ...], check: bool, **options: A
     if settings.metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Worker processes write their metrics here; the supervisor's endpoint sums them.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="conveyor-metrics-")
+    settings = dataclasses.replace(settings, instance=secrets.token_hex(4))
     payload = dataclasses.asdict(settings)
     os.environ[SETTINGS_ENV] = json.dumps(payload)
     # Timeouts: the supervision loop must not hang on a Redis that stopped answering.

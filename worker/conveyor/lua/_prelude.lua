@@ -245,14 +245,7 @@ local function fail_attempt(id, class, reason, message, permanent, base_ms, cap_
   end
   delay = math.floor(delay)
   redis.call('HSET', key, 's', 'delayed')
-  if reason == 'worker_lost' then
-    -- Its process died during the run, maybe because of this job (out of memory, a crash in
-    -- native code): its next run goes alone, so a poison job takes no other job down with it.
-    redis.call('HSET', key, 'lw', '1')
-    redis.call('HDEL', key, 'lt', 'ld')
-  else
-    redis.call('HDEL', key, 'lt', 'ld', 'lw')
-  end
+  redis.call('HDEL', key, 'lt', 'ld', 'lw')
   schedule_at(class, id, NOW_MS + delay)
   emit('retried', id, job[1], class, attempt, reason .. ':' .. fmt(delay))
   return 'retry', delay
@@ -292,9 +285,10 @@ local function enqueue_one(seq, spec, payload, dedup_key)
       return existing, 0
     end
   end
-  -- Creation ms, then the whole queue sequence at fixed width (16 digits hold every integer a
-  -- Lua number represents exactly), so ids sort by creation; a wrapping suffix would break
-  -- the order every million jobs and could repeat an id within one millisecond.
+  -- Creation ms, then the whole queue sequence at fixed width, so ids sort by creation; a
+  -- wrapping suffix would break the order every million jobs and could repeat an id within
+  -- one millisecond. The sequence is a Lua number, exact up to 2^53: 285 years at a million
+  -- jobs a second.
   local id = string.format('%013d-%016d', NOW_MS, seq)
   local jtype, class, group = spec[1], spec[3], spec[4]
   if spec.due == nil then
