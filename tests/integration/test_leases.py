@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 
+import pytest
 import redis
+import redis.asyncio
 
+from conveyor.errors import BackendUnavailable
 from conveyor.job import Backoff
-from conveyor.leases import Claimed
+from conveyor.leases import Claimed, LeaseClient
 from conveyor.queue import Queue
 from tests.support.invariants import census, events, snapshot
 from tests.support.scripted import ScriptedWorker
@@ -216,3 +221,51 @@ def test_a_crashed_job_with_one_attempt_is_dead_lettered_not_dropped(
     [stats] = queue.stats(["normal"])
     assert (stats.dead, stats.in_flight, stats.ready) == (1, 0, 0)
     census(redis_client, queue.keys).assert_sound()
+
+
+def test_the_one_trip_wait_and_claim_reports_an_outage_at_every_step(
+    queue: Queue, redis_url: str
+) -> None:
+    """Redis gone before the connection is made, and gone mid-exchange: both are an outage
+    (BackendUnavailable), which the worker rides out; any other exception ends its claimer."""
+    keys = queue.keys
+    classes = ("normal",)
+    wake = [keys.wake(c) for c in classes]
+
+    async def exchange(url: str, kill_first: bool) -> None:
+        leases = LeaseClient(redis.asyncio.Redis.from_url(redis_url), keys)
+        blocking = redis.asyncio.Redis.from_url(url)
+        try:
+            if kill_first:
+                await leases.wait_then_claim(
+                    blocking, wake, 0.05, (1, 30_000, "w/1", classes), lambda _: None
+                )
+            else:
+                waiting = asyncio.Event()
+                ids: list[int] = []
+
+                def seen(client_id: int | None) -> None:
+                    if client_id is not None:
+                        ids.append(client_id)
+                        waiting.set()
+
+                async def drop_while_waiting() -> None:
+                    await waiting.wait()
+                    await leases.client.client_kill_filter(_id=ids[-1])
+
+                killer = asyncio.create_task(drop_while_waiting())
+                await leases.wait_then_claim(blocking, wake, 5, (1, 30_000, "w/1", classes), seen)
+                await killer
+        finally:
+            await blocking.aclose()
+            await leases.client.aclose()
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    with pytest.raises(BackendUnavailable):
+        asyncio.run(exchange(f"redis://127.0.0.1:{port}/0", kill_first=True))
+    with pytest.raises(BackendUnavailable):
+        asyncio.run(exchange(redis_url, kill_first=False))
+    assert queue.stats(["normal"])[0].in_flight == 0

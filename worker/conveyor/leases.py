@@ -147,7 +147,13 @@ class LeaseClient:
         Redis had lost the claim script (the next plain ``claim()`` loads it again)."""
         n, lease_ttl_ms, token_prefix, classes = claim
         pool = blocking.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]  # redis-py
+        try:
+            # redis-py connects here, so an outage shows up here first.
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]  # redis-py
+        except redis.exceptions.RedisError as exc:
+            raise translate_redis_error(exc, "claim") from exc
+        except OSError as exc:
+            raise BackendUnavailable(f"Redis unreachable during claim: {exc}") from exc
         # Every reply is read, error replies included: Redis runs the claim whatever became
         # of the two commands before it, and a claim whose reply went unread would leave its
         # jobs leased to nobody until their leases expired.
