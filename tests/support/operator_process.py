@@ -27,7 +27,7 @@ from kubernetes.client.exceptions import ApiException
 
 from conveyor.local import free_port
 from tests.support.k8s_cluster import K8sCluster, sa_username
-from tests.support.workers import REPO_ROOT
+from tests.support.workers import REPO_ROOT, wait_until
 
 T = TypeVar("T")
 
@@ -50,15 +50,8 @@ LOG_PROBLEMS = ("Traceback (most recent call last)", "Patching failed with incon
 
 
 def wait_for(probe: Callable[[], T | None], timeout: float, what: str, every: float = 0.1) -> T:
-    """Poll ``probe`` until it returns something truthy; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
+    """``wait_until`` at the pace of an API server: poll every ``every`` seconds."""
+    return wait_until(probe, timeout, what, interval=every)
 
 
 # -- applying manifests ------------------------------------------------------------------------
