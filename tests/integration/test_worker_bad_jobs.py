@@ -170,3 +170,24 @@ def test_a_foreign_job_whose_id_is_not_utf8_runs_and_is_acknowledged(
     assert tracked.get_job(good).state == "done"
     assert worker.child() == process
     assert not worker.logs(event="claimer_crashed")
+
+
+def test_a_record_whose_attempt_count_is_not_a_number_is_still_run(
+    workers: Workers, tracked: Queue, job_ledger: Ledger
+) -> None:
+    """'inf' and 'nan' parse as numbers in Lua: taken as they are, they broke the claim's
+    event after its pops, so those jobs vanished and every later claim failed."""
+    worker = workers.start()
+    _write_ready(
+        tracked,
+        {
+            "inf-attempts": {"t": "noop", "p": b"{}", "a": "inf"},
+            "nan": {"t": "noop", "p": b"{}", "a": "nan"},
+        },
+    )
+    good = tracked.enqueue("noop", {}).id
+    wait_until(lambda: tracked.get_job(good).state == "done", 10, "the good job")
+    wait_until(lambda: len(job_ledger.rows()) == 3, 10, "all three jobs to run")
+    assert not worker.logs(event="wait_refused")
+    assert not worker.logs(event="claim_failed")
+    assert_conserved(tracked.client, tracked.keys.queue, ["inf-attempts", "nan", good])

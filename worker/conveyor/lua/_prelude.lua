@@ -33,8 +33,24 @@ local function field(value, name)
 end
 -- A numeric field as a number; a value some foreign writer left unreadable counts as the
 -- default, so arithmetic on it cannot abort a script halfway through its writes.
+local function finite(n)
+  return n ~= nil and n == n and n ~= math.huge and n ~= -math.huge
+end
 local function numeric(value, name)
-  return tonumber(field(value, name)) or tonumber(DEFAULTS[name])
+  local n = tonumber(field(value, name))
+  if finite(n) then
+    return n
+  end
+  return tonumber(DEFAULTS[name])
+end
+-- A job's attempt count: a whole number >= 0 ('inf' or 'nan' from a foreign writer would
+-- otherwise break the event's JSON and abort the claim after its pops).
+local function attempts_of(value)
+  local n = tonumber(value)
+  if not finite(n) or n < 0 then
+    return 0
+  end
+  return math.floor(n)
 end
 local tick_n = 0
 local function tick()
@@ -225,7 +241,7 @@ end
 local function fail_attempt(id, class, reason, message, permanent, base_ms, cap_ms)
   local key = K_JOB .. id
   local job = redis.call('HMGET', key, 't', 'a', 'm', 'bb', 'bc', 'bj', 'lt')
-  local attempt = tonumber(job[2]) or 0
+  local attempt = attempts_of(job[2])
   local max_attempts = numeric(job[3], 'm')
   redis.call('ZREM', K_LEASE .. class, id)
   -- A lease token is '<worker id>/<claim>:<n>', so the failed run's worker is its prefix.

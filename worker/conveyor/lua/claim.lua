@@ -94,7 +94,7 @@ local function lease(class, ids, leases)
     -- A job hash deleted behind Conveyor's back leaves a dangling id: nothing to run. A record
     -- that exists but lacks its fields is leased all the same, so the worker dead-letters it.
     if job[1] or job[2] or job[3] or redis.call('EXISTS', key) == 1 then
-      local attempts = (tonumber(job[3]) or 0) + 1
+      local attempts = attempts_of(job[3]) + 1
       local token = prefix .. ':' .. fmt(claimed)
       -- The class is written back from where the job was found: ack, fail and recovery find
       -- the lease by the record's class, which a record written by a foreign client may lack.

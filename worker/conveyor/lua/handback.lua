@@ -11,7 +11,7 @@ for i = 1, #ARGV, 2 do
   else
     local key = K_JOB .. id
     local job = redis.call('HMGET', key, 't', 'a', 'g')
-    local attempt = math.max((tonumber(job[2]) or 1) - 1, 0)
+    local attempt = math.max(attempts_of(job[2]) - 1, 0)
     redis.call('ZREM', K_LEASE .. class, id)
     redis.call('HSET', key, 's', 'queued', 'a', fmt(attempt), 'qt', fmt(NOW_MS))
     redis.call('HDEL', key, 'lt', 'ld')

@@ -17,7 +17,7 @@ for _, id in ipairs(ARGV) do
   else
     redis.call('ZREM', K_DEAD, id)
     local class = job[3]
-    local replays = (tonumber(job[5]) or 0) + 1
+    local replays = attempts_of(job[5]) + 1
     redis.call('HSET', key, 's', 'queued', 'a', '0', 'rc', fmt(replays), 'qt', fmt(NOW_MS))
     redis.call('HDEL', key, 'dr', 'dt', 'lw')
     undead(id, class)
