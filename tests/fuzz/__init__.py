@@ -9,9 +9,10 @@ crashed worker, a traceback, a raw Redis error or a lost or half-written job.
 
 Every test runs under a named Hypothesis profile (``tests.fuzz.profiles.fuzz``):
 
-- ``ci`` (the default): a bounded number of examples per test, so the whole package stays
-  under a minute on a loaded 2-core machine.
-- ``long``: ten times the examples, for hunting; select it with ``HYPOTHESIS_PROFILE=long``,
+- ``ci`` (the default): a bounded, derandomized set of examples per test (the same every run,
+  so a red run means a change broke something), under a minute on a loaded 2-core machine.
+- ``long``: ten times the examples, freshly drawn each run, for hunting; select it with
+  ``HYPOTHESIS_PROFILE=long``,
   e.g. ``HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest tests/fuzz``.
 
 A failing example Hypothesis finds is kept as an ``@example`` on its test, with the bug it

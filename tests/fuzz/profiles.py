@@ -13,11 +13,13 @@ from hypothesis import HealthCheck, settings
 
 PROFILE_ENV = "HYPOTHESIS_PROFILE"
 
+# CI explores the same examples every run, so a red run always means a change broke
+# something; the long profile draws fresh ones, to hunt.
 settings.register_profile(
     "fuzz-ci",
     max_examples=100,
     deadline=None,
-    derandomize=False,
+    derandomize=True,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -25,6 +27,7 @@ settings.register_profile(
     "fuzz-long",
     parent=settings.get_profile("fuzz-ci"),
     max_examples=1000,
+    derandomize=False,
 )
 
 
