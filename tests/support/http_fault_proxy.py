@@ -19,14 +19,14 @@ import asyncio
 import contextlib
 import json
 import ssl
-import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
-from concurrent.futures import Future
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import parse_qs, urlsplit
+
+from tests.support.proxy import LoopServer
 
 _HEAD_LIMIT = 64 * 1024
 _REASONS = {403: "Forbidden", 429: "TooManyRequests", 500: "InternalError"}
@@ -68,11 +68,11 @@ class Rule:
     hits: int = 0
 
 
-class HttpFaultProxy:
+class HttpFaultProxy(LoopServer):
     def __init__(self, upstream: str, ca_file: Path, cert_file: Path, key_file: Path) -> None:
         parts = urlsplit(upstream)
+        super().__init__()
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 443)
-        self.port = 0
         self.seen: list[tuple[float, Request, str]] = []
         """Every request (``time.time()``, request, outcome): ``forwarded``, ``hung`` or the
         status it was answered with."""
@@ -83,31 +83,11 @@ class HttpFaultProxy:
         self._server_ctx.set_alpn_protocols(["http/1.1"])
         self._client_ctx = ssl.create_default_context(cafile=str(ca_file))
         self._client_ctx.set_alpn_protocols(["http/1.1"])
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
         self._hung: set[asyncio.StreamWriter] = set()
 
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
-
-    def start(self) -> HttpFaultProxy:
-        self._thread.start()
-        self._call(self._listen())
-        return self
-
-    def stop(self) -> None:
-        self._call(self._close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
-
-    def __enter__(self) -> HttpFaultProxy:
-        return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
 
     # -- rules (thread-safe: they run on the proxy's loop) ------------------------------------
 
@@ -145,10 +125,6 @@ class HttpFaultProxy:
         ]
 
     # -- internals ----------------------------------------------------------------------------
-
-    def _call(self, coro: Coroutine[Any, Any, None]) -> None:
-        future: Future[None] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        future.result(5)
 
     async def _add(self, rule: Rule) -> None:
         self._rules.append(rule)

@@ -16,8 +16,9 @@ import contextlib
 import socket
 import struct
 import threading
+from collections.abc import Coroutine
 from concurrent.futures import Future
-from typing import Literal
+from typing import Any, Literal, Self
 
 Mode = Literal["pass", "blackhole", "reset"]
 
@@ -44,24 +45,17 @@ class _Link:
         _abort(self.upstream)
 
 
-class TcpProxy:
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
-        self.target = (target_host, target_port)
+class LoopServer:
+    """A server a test owns, on its own asyncio loop in a background thread: ``start`` binds
+    it on 127.0.0.1 (``_listen``, which sets ``port``), ``stop`` closes it (``_close``)."""
+
+    def __init__(self) -> None:
         self.port = 0
-        self.mode: Mode = "pass"
-        self.request_delay = 0.0
-        self.response_delay = 0.0
-        self.connections_seen = 0
-        self._links: set[_Link] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> TcpProxy:
+    def start(self) -> Self:
         self._thread.start()
         self._call(self._listen())
         return self
@@ -72,24 +66,44 @@ class TcpProxy:
         self._thread.join(5)
         self._loop.close()
 
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(5)
+
+    async def _listen(self) -> None:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+
+class TcpProxy(LoopServer):
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        super().__init__()
+        self.target = (target_host, target_port)
+        self.mode: Mode = "pass"
+        self.request_delay = 0.0
+        self.response_delay = 0.0
+        self.connections_seen = 0
+        self._links: set[_Link] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
     def set_mode(self, mode: Mode) -> None:
         """Switch mode; ``blackhole`` and ``reset`` also act on already open connections."""
         self._call(self._switch(mode))
 
     def freeze_open(self) -> int:
         """Blackhole only the connections open now; new ones still pass. Returns how many."""
-        frozen: Future[int] = asyncio.run_coroutine_threadsafe(self._freeze_open(), self._loop)
-        return frozen.result(5)
-
-    def __enter__(self) -> TcpProxy:
-        return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
-
-    def _call(self, coro: object) -> None:
-        future: Future[None] = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
-        future.result(5)
+        return int(self._call(self._freeze_open()))
 
     async def _listen(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
