@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import ceiling, envs, report, scaling, scaling_report, scenarios
+from harness import ceiling, envs, hop, report, scaling, scaling_report, scenarios
 from harness.driver import DriverClient
 from harness.procs import CommandError
 from harness.redis_server import RedisServer
@@ -43,7 +43,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, help="runs per figure (default 3; 1 with --quick)")
     p.add_argument("--drain-cap", type=float, help="seconds per drain before a partial rate")
     p.add_argument("--reinstall", action="store_true", help="rebuild the peers' environments")
-    p.add_argument("--skip-ceiling", action="store_true", help="do not run redis-benchmark")
+    p.add_argument(
+        "--skip-ceiling",
+        action="store_true",
+        help="do not measure the Redis ceiling (redis-benchmark and the bare hand-off)",
+    )
     p.add_argument("--out", type=Path, help="results directory (default bench/results/<time>)")
     p.add_argument(
         "--scaling-only",
@@ -102,7 +106,12 @@ class Bench:
         self.out_dir: Path = args.out or BENCH_DIR / "results" / stamp
         self.log_dir = self.out_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.results: dict[str, Any] = {"meta": {}, "ceiling_runs": [], "systems": {}}
+        self.results: dict[str, Any] = {
+            "meta": {},
+            "ceiling_runs": [],
+            "hop_runs": [],
+            "systems": {},
+        }
         self.drivers: dict[str, DriverClient] = {}
 
     def save(self) -> None:
@@ -164,9 +173,10 @@ class Bench:
                 traceback.print_exc()
         entry["runs"].append(figures)
 
-    def ceiling_run(self, server: RedisServer) -> None:
+    def ceiling_run(self, server: RedisServer, run: int) -> None:
         if self.args.skip_ceiling:
             self.results["ceiling_error"] = "skipped (--skip-ceiling)"
+            self.results["hop_error"] = "skipped (--skip-ceiling)"
             return
         try:
             requests = 20_000 if self.args.quick else 200_000
@@ -175,6 +185,24 @@ class Bench:
         except CommandError as exc:
             self.results["ceiling_error"] = str(exc)
             _log(f"redis-benchmark FAILED: {exc}")
+        self.hop_run(server, run)
+
+    def hop_run(self, server: RedisServer, run: int) -> None:
+        """The bare hand-off floor; each consumer variant fails on its own, like a ceiling."""
+        figures: dict[str, Any] = {"run": run}
+        for variant in hop.VARIANTS:
+            log_path = self.log_dir / f"hop-{variant.key}-run{run}.log"
+            try:
+                figures[variant.key] = hop.measure(server, variant, self.sizes, log_path)
+                p99 = figures[variant.key]["p99_ms"]
+                _log(f"bare hand-off ({variant.key}) measured: p99 {p99:.2f} ms")
+            except CommandError as exc:
+                figures[variant.key] = {"error": str(exc).splitlines()[0][:400]}
+                _log(f"bare hand-off ({variant.key}) FAILED: {exc}")
+            except Exception as exc:  # noqa: BLE001 - a floor reading must not end the matrix
+                figures[variant.key] = {"error": f"harness error: {type(exc).__name__}: {exc}"}
+                traceback.print_exc()
+        self.results["hop_runs"].append(figures)
 
     def summarize(self) -> None:
         conveyor = self.results["systems"].get(scaling.SYSTEM, {})
@@ -199,6 +227,7 @@ class Bench:
             agg["rps"] = summary(agg["rps"])
             agg["p50_ms"] = summary(agg["p50_ms"])
         self.results["ceiling_summary"] = ceiling_summary
+        self.results["hop_summary"] = hop.summarize(self.results["hop_runs"])
 
     def main(self) -> int:
         wall = time.monotonic()
@@ -229,7 +258,7 @@ class Bench:
                 self.prepare(system, server)
                 self.save()
             for run in range(1, self.runs + 1):
-                self.ceiling_run(server)
+                self.ceiling_run(server, run)
                 # Systems take turns within each run, so a noisy minute on the shared machine
                 # spreads over all of them instead of sinking one system's figures.
                 for name in self.drivers:
