@@ -183,12 +183,14 @@ def _claim_all(queue: Queue) -> dict[str, list[Any]]:
     rows: dict[str, list[Any]] = {}
     while True:
         raw = scripts.CLAIM.run(
-            queue.client, queue.keys.script_keys, [100, 60_000, "fuzz/1", *PRIORITY_CLASSES]
+            queue.client,
+            queue.keys.script_keys,
+            [100, 60_000, "fuzz/1", len(PRIORITY_CLASSES), *PRIORITY_CLASSES],
         )
-        if len(raw) == 2:
+        if len(raw) == 3:
             return rows
         # Each row: id, token, class, type, payload, attempts, max_attempts, timeout_ms, ...
-        rows.update({row[0].decode(): row for row in raw[2:]})
+        rows.update({row[0].decode(): row for row in raw[3:]})
 
 
 def _check_stored(queue: Queue, spec: JobSpec, job_id: str, before_ms: int) -> str:

@@ -147,7 +147,7 @@ def test_ids_sort_by_creation_across_calls_and_a_sequence_rollover(
 ) -> None:
     ids = [queue.enqueue("t").id for _ in range(5)]
     # Push the id counter to just below a million, where a suffix modulo 10**6 would wrap.
-    redis_client.set(queue.keys.script_keys[13], 999_995)
+    redis_client.set(queue.keys.base + "seq", 999_995)
     ids += [r.id for r in queue.enqueue_batch("t", range(10))]
     ids += [queue.enqueue("t").id for _ in range(5)]
     assert len(set(ids)) == len(ids)

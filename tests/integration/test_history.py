@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
 import psycopg
 import pytest
 import redis
@@ -22,6 +21,7 @@ from conveyor.history.stream import StreamGauge, trim_acknowledged
 from conveyor.job import Backoff
 from conveyor.local import PostgresServer
 from conveyor.queue import Queue
+from tests.support.invariants import events as stream_events
 from tests.support.scripted import ScriptedWorker
 
 
@@ -75,7 +75,7 @@ def stored_events(database_url: str, queue: Queue) -> list[tuple[int, int, int, 
 
 
 def stream_event_count(redis_client: redis.Redis, queue: Queue) -> int:
-    return sum(len(orjson.loads(f[b"d"])) for _, f in redis_client.xrange(queue.keys.events))
+    return len(stream_events(redis_client, queue.keys))
 
 
 def test_every_transition_is_recorded_with_its_time_attempt_and_worker(

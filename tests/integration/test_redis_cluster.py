@@ -84,8 +84,10 @@ def test_every_queue_operation_runs_on_a_three_master_cluster(cluster: RedisClus
         queue.enqueue_batch("send", [{"n": i} for i in range(10)], priority="low", group="acme")
         queue.enqueue("later", {}, delay=0.05, max_attempts=1)
 
-        claimed = scripts.CLAIM.run(cluster, keys, [100, 30_000, "w/1", *PRIORITY_CLASSES])
-        jobs = claimed[2:]
+        claimed = scripts.CLAIM.run(
+            cluster, keys, [100, 30_000, "w/1", len(PRIORITY_CLASSES), *PRIORITY_CLASSES]
+        )
+        jobs = claimed[3:]
         assert [j[2] for j in jobs] == [b"critical"] + [b"low"] * 10
         assert scripts.ACK.run(cluster, keys, [jobs[0][0], jobs[0][1], 1]) == []
         outcome = scripts.FAIL.run(
@@ -95,12 +97,18 @@ def test_every_queue_operation_runs_on_a_three_master_cluster(cluster: RedisClus
         report = queue.replay([jobs[1][0].decode()])
         assert report.replayed == 1
         assert scripts.HANDBACK.run(cluster, keys, [jobs[2][0], jobs[2][1]]) == []
+        # A claim that carries a worker's acks (and claims nothing itself).
+        carried = scripts.CLAIM.run(
+            cluster, keys, [0, 30_000, "w/2", 1, "low", jobs[3][0], jobs[3][1], 2]
+        )
+        assert carried[2:] == [[]]
+        assert not cluster.exists(queue.keys.job(jobs[3][0].decode()))
 
         time.sleep(0.1)
         scripts.RECOVER.run(cluster, keys, [100, *PRIORITY_CLASSES])
         stats = {row.priority: row for row in queue.stats()}
         assert stats["normal"].ready == 1
         assert stats["low"].ready == 2
-        assert stats["low"].in_flight == 8
+        assert stats["low"].in_flight == 7
         assert cluster.xlen(queue.keys.events) > 0
     assert len(nodes) > 1

@@ -30,6 +30,7 @@ import redis
 
 from conveyor.keys import Keyspace
 from tests.support.invariants import Census, census
+from tests.support.invariants import events as stream_events
 from tests.support.tasks import LEDGER_DB
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -371,11 +372,8 @@ def assert_conserved(client: redis.Redis, queue: str, accepted: Iterable[str]) -
 
 def events_of(client: redis.Redis, queue: str, job_id: str) -> list[tuple[str, int, str]]:
     """The (event, attempt, detail) transitions the scripts recorded for one job."""
-    out = []
-    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(Keyspace(queue).events))
-    for _, entry in entries:
-        kind = entry[b"e"].decode()
-        for row in orjson.loads(entry[b"d"]):
-            if row[0] == job_id:
-                out.append((kind, int(row[3]), str(row[4])))
-    return out
+    return [
+        (kind, int(record[3]), str(record[4]))
+        for kind, record in stream_events(client, Keyspace(queue))
+        if record[0] == job_id
+    ]

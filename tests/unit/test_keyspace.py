@@ -50,18 +50,22 @@ def test_two_queues_or_two_prefixes_never_share_a_key() -> None:
     assert not set(a.script_keys) & set(c.script_keys)
 
 
-def test_the_lua_prelude_names_the_keys_in_the_order_python_sends_them() -> None:
+def test_the_lua_prelude_builds_the_key_names_python_lists_in_the_same_order() -> None:
     prelude = (resources.files("conveyor") / "lua" / "_prelude.lua").read_text()
-    declaration = re.search(r"local (K_[A-Z_,\s]+?)\s*=\s*unpack\(KEYS\)", prelude)
+    suffixes = re.search(r"local KEY_SUFFIXES = \{(.*?)\}", prelude, re.S)
+    declaration = re.search(r"local (K_[A-Z_,\s]+?)\s*=\s*unpack\(KEY_NAMES\)", prelude)
+    assert suffixes is not None
     assert declaration is not None
+    assert re.findall(r"'([^']*)'", suffixes.group(1)) == list(SCRIPT_KEY_NAMES)
     lua_names = [name.strip() for name in declaration.group(1).split(",")]
     python_names = ["K_" + name.rstrip(":").upper() for name in SCRIPT_KEY_NAMES]
     assert lua_names == python_names
 
 
-def test_script_keys_are_the_key_helpers_prefixes() -> None:
+def test_the_key_helpers_are_the_base_and_the_script_suffixes() -> None:
     keys = Keyspace("q")
-    slots = dict(zip(SCRIPT_KEY_NAMES, keys.script_keys, strict=True))
+    assert keys.script_keys == [keys.base]
+    slots = {name: keys.base + name for name in SCRIPT_KEY_NAMES}
     assert keys.job("id") == slots["job:"] + "id"
     assert keys.errors("id") == slots["err:"] + "id"
     assert keys.group("low", "g") == slots["group:"] + "low:g"

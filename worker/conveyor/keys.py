@@ -1,10 +1,10 @@
 """Every Redis key Conveyor uses, in one place.
 
 All keys of one queue share the hash tag ``{<queue>}`` so that every script touches a single
-slot and runs unchanged on Redis Cluster. Scripts never spell a key name: each receives the
-same ``KEYS`` vector (``Keyspace.script_keys``) and appends ids, classes or groups to the
-prefixes it finds there. The Lua prelude (``lua/_prelude.lua``) names those slots in the same
-order as ``SCRIPT_KEY_NAMES`` below.
+slot and runs unchanged on Redis Cluster. Scripts receive one key, the queue's base
+(``Keyspace.script_keys``), and build every name from it: the base, one of
+``SCRIPT_KEY_NAMES`` below (the Lua prelude, ``lua/_prelude.lua``, lists the same suffixes in
+the same order), then an id, class or group where the key has one.
 
 | key | type | purpose |
 | --- | --- | --- |
@@ -78,8 +78,9 @@ class Keyspace:
 
     @property
     def script_keys(self) -> list[str]:
-        """The KEYS vector every script receives, in prelude order."""
-        return [self.base + name for name in SCRIPT_KEY_NAMES]
+        """The KEYS vector every script receives: the base alone. It names the cluster slot
+        for routing; the prelude appends the suffixes of ``SCRIPT_KEY_NAMES`` to it."""
+        return [self.base]
 
     def job(self, job_id: str) -> str:
         return f"{self.base}job:{job_id}"

@@ -7,7 +7,7 @@ many jobs while every guarantee (fencing token, attempt count, event) still hold
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio
@@ -46,6 +46,12 @@ class ClaimResult:
     next_ms: int
     """When more work may become claimable (ms, Redis time); -1 if nothing is scheduled."""
     jobs: list[Claimed]
+    stale_acks: list[str] = field(default_factory=list)
+    """Ids of the acks sent along with the claim whose lease had been lost."""
+
+
+Ack = tuple[str, str, int]
+"""A successful attempt to report: job id, lease token, runtime in ms."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +92,21 @@ def _wire(job_id: str) -> bytes:
 
 
 def _parse_claim(raw: list[Any]) -> ClaimResult:
-    return ClaimResult(int(raw[0]), int(raw[1]), [_parse_claimed(r) for r in raw[2:]])
+    return ClaimResult(
+        int(raw[0]),
+        int(raw[1]),
+        [_parse_claimed(r) for r in raw[3:]],
+        [i.decode("utf-8", "surrogateescape") for i in raw[2]],
+    )
+
+
+def _claim_args(
+    n: int, lease_ttl_ms: int, token_prefix: str, classes: tuple[str, ...], acks: list[Ack]
+) -> list[Any]:
+    args: list[Any] = [n, lease_ttl_ms, token_prefix, len(classes), *classes]
+    for job_id, token, runtime_ms in acks:
+        args += (_wire(job_id), token, runtime_ms)
+    return args
 
 
 def _parse_claimed(row: list[Any]) -> Claimed:
@@ -125,10 +145,17 @@ class LeaseClient:
         return await script.arun(self.client, self._script_keys, args)
 
     async def claim(
-        self, n: int, lease_ttl_ms: int, token_prefix: str, classes: tuple[str, ...]
+        self,
+        n: int,
+        lease_ttl_ms: int,
+        token_prefix: str,
+        classes: tuple[str, ...],
+        acks: list[Ack] | None = None,
     ) -> ClaimResult:
-        raw = await self._run(scripts.CLAIM, [n, lease_ttl_ms, token_prefix, *classes])
-        return _parse_claim(raw)
+        """Lease up to ``n`` jobs; ``acks`` are recorded first, in the same script call
+        (their lost leases come back in ``ClaimResult.stale_acks``)."""
+        args = _claim_args(n, lease_ttl_ms, token_prefix, classes, acks or [])
+        return _parse_claim(await self._run(scripts.CLAIM, args))
 
     async def wait_then_claim(
         self,
@@ -169,10 +196,7 @@ class LeaseClient:
                             scripts.CLAIM.sha,
                             len(self._script_keys),
                             *self._script_keys,
-                            n,
-                            lease_ttl_ms,
-                            token_prefix,
-                            *classes,
+                            *_claim_args(n, lease_ttl_ms, token_prefix, classes, []),
                         ),
                     ]
                 )
@@ -209,7 +233,7 @@ class LeaseClient:
             raise translate_redis_error(woken, "wait for work") from woken
         return result
 
-    async def ack(self, done: list[tuple[str, str, int]]) -> list[str]:
+    async def ack(self, done: list[Ack]) -> list[str]:
         """Acknowledge (id, token, runtime ms) triples; returns ids whose lease was lost."""
         args: list[Any] = []
         for job_id, token, runtime_ms in done:

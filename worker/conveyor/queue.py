@@ -24,7 +24,7 @@ from conveyor.errors import (
     JobNotFound,
     translate_redis_error,
 )
-from conveyor.job import DEFAULT_MAX_PAYLOAD, JobInfo, JobSpec
+from conveyor.job import DEFAULT_MAX_PAYLOAD, JobInfo, JobSpec, encode_payload
 from conveyor.keys import PRIORITY_CLASSES, Keyspace
 from conveyor.metrics import JOBS_DEDUPLICATED, JOBS_ENQUEUED, PAYLOADS_REFUSED
 
@@ -64,48 +64,108 @@ class ClassStats:
 class _Batch:
     """One enqueue.lua call: ARGV plus the (job type, class) of each job, for metrics."""
 
-    args: list[Any]
-    labels: list[tuple[str, str]]
+    args: list[Any] = field(default_factory=lambda: [0])
+    labels: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _batches(specs: Iterable[JobSpec], max_payload: int) -> list[_Batch]:
-    """Encode jobs into calls of at most ``BATCH_LIMIT`` jobs, consecutive jobs that share
-    their options forming one run (sent once, with only payload and dedup key per job)."""
-    batches: list[_Batch] = []
-    runs = 0
-    template: tuple[Any, ...] | None = None
-    current = _Batch([0], [])
-    for spec in specs:
+class _BatchBuilder:
+    """Encodes jobs into calls of at most ``BATCH_LIMIT`` jobs. Consecutive jobs that share
+    their options form one run, sent once; per job travel only the payload and, if any job
+    of the run has one, the dedup key (a bulk enqueue without keys sends one value per job)."""
+
+    def __init__(self, max_payload: int) -> None:
+        self.max_payload = max_payload
+        self.batches: list[_Batch] = []
+        self._batch = _Batch()
+        self._template: tuple[Any, ...] | None = None
+        self._payloads: list[bytes] = []
+        self._dedup_keys: list[str] = []
+
+    def add(self, spec: JobSpec) -> None:
         try:
-            payload = spec.encoded_payload(max_payload)
+            payload = spec.encoded_payload(self.max_payload)
         except InvalidJob:
             PAYLOADS_REFUSED.labels(job_type=spec.type).inc()
             raise
-        if len(current.labels) == BATCH_LIMIT:
-            current.args[0] = runs
-            batches.append(current)
-            current, runs, template = _Batch([0], []), 0, None
-        spec_template = spec.template()
-        if spec_template != template:
-            template = spec_template
-            runs += 1
-            current.args.extend(template)
-            current.args.append(0)
-            count_at = len(current.args) - 1
-        current.args[count_at] += 1
-        current.args.append(payload)
-        current.args.append(spec.dedup_key)
-        current.labels.append((spec.type, spec.priority))
-    if current.labels:
-        current.args[0] = runs
-        batches.append(current)
-    return batches
+        if len(self._batch.labels) == BATCH_LIMIT:
+            self._end_batch()
+        template = spec.template()
+        if template != self._template:
+            self._end_run()
+            self._template = template
+        self._payloads.append(payload)
+        self._dedup_keys.append(spec.dedup_key)
+        self._batch.labels.append((spec.type, spec.priority))
+
+    def add_uniform(self, first: JobSpec, payloads: Iterable[Any]) -> None:
+        """Jobs that share ``first``'s options (validated once) and differ only in payload."""
+        template, label, key = first.template(), (first.type, first.priority), first.dedup_key
+        for payload in payloads:
+            try:
+                encoded = encode_payload(payload, self.max_payload)
+            except InvalidJob:
+                PAYLOADS_REFUSED.labels(job_type=first.type).inc()
+                raise
+            if len(self._batch.labels) == BATCH_LIMIT:
+                self._end_batch()
+            if template != self._template:
+                self._end_run()
+                self._template = template
+            self._payloads.append(encoded)
+            self._dedup_keys.append(key)
+            self._batch.labels.append(label)
+
+    def _end_run(self) -> None:
+        if self._template is None or not self._payloads:
+            return
+        args = self._batch.args
+        args[0] += 1
+        args.extend(self._template)
+        args.append(len(self._payloads))
+        if any(self._dedup_keys):
+            args.append(1)
+            for payload, key in zip(self._payloads, self._dedup_keys, strict=True):
+                args += (payload, key)
+        else:
+            args.append(0)
+            args.extend(self._payloads)
+        self._payloads, self._dedup_keys = [], []
+
+    def _end_batch(self) -> None:
+        self._end_run()
+        if self._batch.labels:
+            self.batches.append(self._batch)
+        self._batch, self._template = _Batch(), None
+
+    def finish(self) -> list[_Batch]:
+        self._end_batch()
+        return self.batches
+
+
+def _batches(specs: Iterable[JobSpec], max_payload: int) -> list[_Batch]:
+    builder = _BatchBuilder(max_payload)
+    for spec in specs:
+        builder.add(spec)
+    return builder.finish()
+
+
+def _uniform_batches(
+    job_type: str, payloads: Iterable[Any], options: dict[str, Any], max_payload: int
+) -> list[_Batch]:
+    builder = _BatchBuilder(max_payload)
+    builder.add_uniform(JobSpec(job_type, None, **options), payloads)
+    return builder.finish()
 
 
 def _count(results: list[Enqueued], labels: list[tuple[str, str]]) -> None:
-    tally: Counter[tuple[bool, str, str]] = Counter(
-        (result.created, *label) for result, label in zip(results, labels, strict=True)
-    )
+    if all(result.created for result in results):
+        tally: Counter[tuple[bool, str, str]] = Counter()
+        for (job_type, priority), n in Counter(labels).items():
+            tally[True, job_type, priority] = n
+    else:
+        tally = Counter(
+            (result.created, *label) for result, label in zip(results, labels, strict=True)
+        )
     for (created, job_type, priority), n in tally.items():
         counter = JOBS_ENQUEUED if created else JOBS_DEDUPLICATED
         counter.labels(job_type=job_type, priority=priority).inc(n)
@@ -115,18 +175,9 @@ def _parse_enqueued(raw: list[Any]) -> list[Enqueued]:
     if raw and raw[0] == b"+":
         # Every job was created: enqueue.lua sent the id range instead of the ids.
         _, now_ms, first, count = raw
-        return [Enqueued(f"{now_ms:013d}-{seq:016d}", True) for seq in range(first, first + count)]
+        prefix = f"{now_ms:013d}-"
+        return [Enqueued(f"{prefix}{seq:016d}", True) for seq in range(first, first + count)]
     return [Enqueued(raw[i].decode(), raw[i + 1] == 1) for i in range(0, len(raw), 2)]
-
-
-def _uniform(job_type: str, payloads: Iterable[Any], options: dict[str, Any]) -> Iterator[JobSpec]:
-    """Specs sharing one validated set of options; ``dataclasses.replace`` would re-validate."""
-    first = JobSpec(job_type, None, **options)
-    first.template()  # computed once here, then copied with the fields below
-    for payload in payloads:
-        spec = object.__new__(JobSpec)
-        spec.__dict__.update(first.__dict__, payload=payload)
-        yield spec
 
 
 def _replicated(raw: Any, confirmed: Any, wanted: int, timeout: float) -> list[Enqueued]:
@@ -245,8 +296,11 @@ class Queue:
 
         Every job is validated before anything is sent, so one invalid job stores nothing.
         """
+        return self._send(_batches(specs, self.max_payload))
+
+    def _send(self, batches: list[_Batch]) -> list[Enqueued]:
         results: list[Enqueued] = []
-        for batch in _batches(specs, self.max_payload):
+        for batch in batches:
             if self.wait_for_replicas:
                 done = self._enqueue_replicated(batch.args)
             else:
@@ -271,7 +325,7 @@ class Queue:
     ) -> list[Enqueued]:
         """Enqueue one job per payload, all with the same ``JobSpec`` options: the fast path
         for bulk work (options are validated once)."""
-        return self.enqueue_many(_uniform(job_type, payloads, options))
+        return self._send(_uniform_batches(job_type, payloads, options, self.max_payload))
 
     # -- inspecting ----------------------------------------------------------------------------
 
@@ -433,8 +487,11 @@ class AsyncQueue:
         return (await self.enqueue_many([spec]))[0]
 
     async def enqueue_many(self, specs: Iterable[JobSpec]) -> list[Enqueued]:
+        return await self._send(_batches(specs, self.max_payload))
+
+    async def _send(self, batches: list[_Batch]) -> list[Enqueued]:
         results: list[Enqueued] = []
-        for batch in _batches(specs, self.max_payload):
+        for batch in batches:
             if self.wait_for_replicas:
                 done = await self._enqueue_replicated(batch.args)
             else:
@@ -458,7 +515,7 @@ class AsyncQueue:
     async def enqueue_batch(
         self, job_type: str, payloads: Iterable[Any], **options: Any
     ) -> list[Enqueued]:
-        return await self.enqueue_many(_uniform(job_type, payloads, options))
+        return await self._send(_uniform_batches(job_type, payloads, options, self.max_payload))
 
     async def stats(self, classes: Iterable[str] = PRIORITY_CLASSES) -> list[ClassStats]:
         raw = await scripts.STATS.arun(self.client, self.keys.script_keys, list(classes))

@@ -33,9 +33,9 @@ from conveyor.errors import BackendUnavailable, ConveyorError
 from conveyor.execution import LEASE_LOST, SHUTDOWN, TIMEOUT, Poison, failure_of, prepare
 from conveyor.job import Job
 from conveyor.keys import PRIORITY_CLASSES, Keyspace
-from conveyor.leases import Claimed, ClaimResult, Failure, LeaseClient
+from conveyor.leases import Ack, Claimed, ClaimResult, Failure, LeaseClient
 from conveyor.registry import Registry
-from conveyor.reporting import Outage, Reporter
+from conveyor.reporting import Labels, Outage, Reporter
 from conveyor.workers import WorkerRecord
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ WATCHDOG_INTERVAL = 0.05
 """Seconds between timeout checks: the precision of job timeouts."""
 EXIT_RECYCLE = 75
 """Exit code asking the supervisor for a fresh process (a sync handler could not be stopped)."""
+NO_ACKS: tuple[list[Ack], list[Labels]] = ([], [])
 
 
 @dataclass(eq=False)
@@ -245,17 +246,24 @@ class Worker:
                 self.slot_free.clear()
                 await self.slot_free.wait()
                 continue
-            claim = asyncio.ensure_future(self.leases.claim(*self._claim_args(wanted)))
+            # Taken here, not inside the claim's task: the reporter gives this loop one turn
+            # to pick up the acks of the jobs that just freed these slots.
+            acks = self.reporter.take_acks()
+            claim = asyncio.ensure_future(
+                self.leases.claim(*self._claim_args(wanted), acks=acks[0])
+            )
             try:
                 result: ClaimResult | None = await asyncio.shield(claim)
             except asyncio.CancelledError:
-                await self._hand_back_claim(claim)
+                await self._hand_back_claim(claim, acks)
                 raise
             except BackendUnavailable as exc:
+                self.reporter.put_back_acks(*acks)
                 self.outage.failed("claim", exc)
                 await asyncio.sleep(backoff.next_delay())
                 continue
             except ConveyorError as exc:
+                self.reporter.put_back_acks(*acks)
                 # Redis answered with an error (out of memory, busy script): retry like an
                 # outage rather than stop claiming.
                 if backoff.failures == 0:
@@ -266,6 +274,8 @@ class Worker:
                     )
                 await asyncio.sleep(backoff.next_delay())
                 continue
+            if result is not None:
+                self.reporter.acked(*acks, result.stale_acks)
             self.outage.succeeded()
             backoff.failures = 0
             # While claims come back short the queue is drained: wait for work and claim in
@@ -277,6 +287,9 @@ class Worker:
                 wanted = self._wanted()
                 if wanted <= 0:
                     break
+                # Let the jobs just started reach their handlers before the next wait is
+                # packed and sent: that send would otherwise sit in front of every pickup.
+                await asyncio.sleep(0)
                 result = await self._wait_then_claim(result, wanted)
 
     def _wanted(self) -> int:
@@ -304,14 +317,20 @@ class Worker:
         if len(self.held) > 1:
             await self._hand_back_held_but_one()
 
-    async def _hand_back_claim(self, claim: Awaitable[ClaimResult | None]) -> None:
+    async def _hand_back_claim(
+        self, claim: Awaitable[ClaimResult | None], acks: tuple[list[Ack], list[Labels]] = NO_ACKS
+    ) -> None:
         """A drain stopped the claimer while its claim was in flight. Redis may have leased
         jobs to it already; cutting the reply off would leave them to expire as lost runs
-        (an attempt spent and ``lease_ttl`` of delay), so wait for it and hand them back."""
+        (an attempt spent and ``lease_ttl`` of delay), so wait for it and hand them back.
+        The acks it carried are settled too, or go back to the reporter."""
         try:
             result = await claim
         except ConveyorError:
+            self.reporter.put_back_acks(*acks)
             return
+        if result is not None:
+            self.reporter.acked(*acks, result.stale_acks)
         if result is not None and result.jobs:
             self.reporter.hand_back(
                 [(c.id, c.token) for c in result.jobs],

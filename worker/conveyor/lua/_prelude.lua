@@ -1,16 +1,26 @@
 -- Prepended to every Conveyor script when it is loaded (see scripts.py).
 --
--- KEYS: the queue's key names and prefixes, in the order of keys.SCRIPT_KEY_NAMES; every key a
---       script touches is built from these, so all of them share the queue's hash tag.
+-- KEYS[1]: the queue's key base, '<prefix>:{<queue>}:'. Every key a script touches is the base,
+--          one of the suffixes below (keys.SCRIPT_KEY_NAMES, same order) and for some an id,
+--          class or group, so all of them share the queue's hash tag and cluster slot. One key
+--          rather than twenty: every argument costs the caller an encode and Redis a parse on
+--          every call, and the pickup of an idle worker pays for two calls.
 -- Times: milliseconds from Redis TIME, never from the caller. Group rotation scores add a
 --        binary fraction of a millisecond per use (tick) so that groups served within one
 --        call keep their order; a score below NOW_MS + 1 therefore means "claimable now".
 -- Numbers: always passed to redis.call through fmt(), because Lua's default number-to-string
 --          conversion switches to exponent notation above 14 digits.
 
+local KEY_SUFFIXES = {'job:', 'err:', 'ready:', 'group:', 'delayed:', 'lease:', 'dead', 'dedup:',
+  'rate:', 'limits', 'paused', 'wake:', 'events', 'seq', 'counts', 'workers', 'worker:',
+  'schedule:', 'config', 'dead_class'}
+local KEY_NAMES = {}
+for i, suffix in ipairs(KEY_SUFFIXES) do
+  KEY_NAMES[i] = KEYS[1] .. suffix
+end
 local K_JOB, K_ERR, K_READY, K_GROUP, K_DELAYED, K_LEASE, K_DEAD, K_DEDUP, K_RATE,
   K_LIMITS, K_PAUSED, K_WAKE, K_EVENTS, K_SEQ, K_COUNTS, K_WORKERS, K_WORKER, K_SCHEDULE,
-  K_CONFIG, K_DEAD_CLASS = unpack(KEYS)
+  K_CONFIG, K_DEAD_CLASS = unpack(KEY_NAMES)
 
 local function fmt(n)
   return string.format('%d', n)
@@ -88,6 +98,23 @@ local function emit(event, id, jtype, class, attempt, detail)
   list[#list + 1] = {id, jtype or '', class or '', tonumber(attempt) or 0, detail or ''}
 end
 
+-- A job queued ready by enqueue_one gets the next id of a consecutive range, so a bulk
+-- enqueue writes one record per run of them, {now_ms, first_seq, count, type, class} (numbers
+-- as strings: cjson rounds above 14 digits), in an entry of kind 'queued_run'; the history
+-- reader expands it into one 'queued' row per id. One record per job cost a fifth of a bulk
+-- enqueue's time in Redis.
+local queued_runs = {}
+local function emit_queued(seq, jtype, class)
+  local last = queued_runs[#queued_runs]
+  if last and last.next == seq and last[4] == jtype and last[5] == class then
+    last.next = seq + 1
+    last[3] = fmt(seq + 1 - last.first)
+  else
+    queued_runs[#queued_runs + 1] = {fmt(NOW_MS), fmt(seq), '1', jtype, class, first = seq,
+      next = seq + 1}
+  end
+end
+
 local woken = {}
 local function wake(class)
   woken[class] = true
@@ -113,6 +140,13 @@ local function finish()
   for _, event in ipairs(event_order) do
     redis.call('XADD', K_EVENTS, 'MAXLEN', '~', fmt(CONFIG.events_max), '*',
       'e', event, 'd', cjson.encode(events[event]))
+  end
+  if #queued_runs > 0 then
+    for _, run in ipairs(queued_runs) do
+      run.first, run.next = nil, nil
+    end
+    redis.call('XADD', K_EVENTS, 'MAXLEN', '~', fmt(CONFIG.events_max), '*',
+      'e', 'queued_run', 'd', cjson.encode(queued_runs))
   end
   for field, delta in pairs(pending_counts) do
     if delta ~= 0 then
@@ -277,6 +311,47 @@ local function check_lease(id, token)
   return job[3]
 end
 
+-- Record successful attempts given as triples id, lease_token, runtime_ms in ARGV[first..last]
+-- (ack.lua, and claim.lua, which takes a worker's acks along with its next claim). Returns the
+-- ids whose token was stale (lease expired and recovered, or job already finished): those
+-- jobs are left untouched, so no job completes twice.
+local function ack_leases(first, last)
+  local stale = {}
+  local leases = {}
+  local gone = {}
+  for i = first, last, 3 do
+    local id, token = ARGV[i], ARGV[i + 1]
+    local key = K_JOB .. id
+    local job = redis.call('HMGET', key, 's', 'lt', 'c', 't', 'a')
+    if job[1] ~= 'active' or job[2] ~= token then
+      stale[#stale + 1] = id
+    else
+      local class = job[3]
+      leases[class] = leases[class] or {}
+      table.insert(leases[class], id)
+      emit('completed', id, job[4], class, job[5], ARGV[i + 2])
+      -- History lives in PostgreSQL; Redis keeps a finished job only if retention asks for it.
+      if CONFIG.done_ttl_ms > 0 then
+        redis.call('HSET', key, 's', 'done', 'ft', fmt(NOW_MS))
+        redis.call('HDEL', key, 'lt', 'ld')
+        redis.call('PEXPIRE', key, CONFIG.done_ttl_ms)
+        redis.call('PEXPIRE', K_ERR .. id, CONFIG.done_ttl_ms)
+      else
+        gone[#gone + 1] = key
+        gone[#gone + 1] = K_ERR .. id
+      end
+    end
+  end
+  for class, ids in pairs(leases) do
+    redis.call('ZREM', K_LEASE .. class, unpack(ids))
+  end
+  -- unpack() is bounded by Lua's C stack: a worker sends at most a thousand acks per call.
+  if #gone > 0 then
+    redis.call('UNLINK', unpack(gone))
+  end
+  return stale
+end
+
 -- The fields of a job's record that every job of one spec shares, built once per spec (a
 -- batch sends thousands of jobs under one spec).
 local function shared_fields(spec, delayed)
@@ -339,7 +414,7 @@ local function enqueue_one(seq, spec, payload, dedup_key)
     emit('queued', id, jtype, class, 0, 'at:' .. fmt(due))
   else
     make_ready(class, group, id, false)
-    emit('queued', id, jtype, class, 0, '')
+    emit_queued(seq, jtype, class)
   end
   return id, 1
 end

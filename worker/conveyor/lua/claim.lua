@@ -1,9 +1,12 @@
 -- claim: lease up to n ready jobs of the given classes to one worker.
--- KEYS: the queue keyspace (see _prelude.lua)
--- ARGV: n, lease_ttl_ms, token_prefix ('<worker id>/<claim number>'), then the classes in
---       strict priority order
--- Returns: {now_ms, next_ms, job, job, ...} where next_ms is the earliest moment (ms) at which
---          more work of these classes may become claimable (-1: none known), and each job is
+-- KEYS: the queue's key base (see _prelude.lua)
+-- ARGV: n, lease_ttl_ms, token_prefix ('<worker id>/<claim number>'), k, then k classes in
+--       strict priority order, then the worker's acks: triples id, lease_token, runtime_ms
+--       (as ack.lua takes them; a busy worker's acks ride with its next claim instead of
+--       costing a round trip and a script call of their own)
+-- Returns: {now_ms, next_ms, stale, job, job, ...} where next_ms is the earliest moment (ms) at
+--          which more work of these classes may become claimable (-1: none known), stale the
+--          ids of the acks whose lease was lost (see ack_leases), and each job is
 --          {id, token, class, type, payload, attempts, max_attempts, timeout_ms, group,
 --          created_ms, queued_ms, version, lease_deadline_ms, alone}; attempts already counts
 --          this run; alone is 1 when the job's last run died with its worker process (the worker
@@ -17,10 +20,8 @@
 local n = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local prefix = ARGV[3]
-local classes = {}
-for i = 4, #ARGV do
-  classes[#classes + 1] = ARGV[i]
-end
+local classes = {unpack(ARGV, 5, 4 + tonumber(ARGV[4]))}
+local stale = ack_leases(5 + #classes, #ARGV)
 
 local limits = {}
 local function limit_of(group)
@@ -82,7 +83,7 @@ for _, class in ipairs(classes) do
   end
 end
 
-local out = {NOW_MS, -1}
+local out = {NOW_MS, -1, stale}
 local claimed = 0
 local deadline = NOW_MS + ttl
 local FIELDS = {'t', 'p', 'a', 'm', 'o', 'g', 'ct', 'qt', 'v', 'lw'}

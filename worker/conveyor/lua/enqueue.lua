@@ -1,10 +1,11 @@
 -- enqueue: add jobs, honouring deduplication keys, in one atomic step.
--- KEYS: the queue keyspace (see _prelude.lua)
+-- KEYS: the queue's key base (see _prelude.lua)
 -- ARGV: runs of jobs that share every option but payload and dedup key:
 --       run_count, then per run: a 13-field spec (type, payload (unused), class, group,
 --       max_attempts, timeout_ms, delay_ms (0 = none), run_at_ms (0 = none), dedup_key
 --       (unused), dedup_window_ms, backoff_base_ms, backoff_cap_ms, jitter 1/0), the number of
---       jobs k, then k pairs payload, dedup_key ('' = none)
+--       jobs k, a flag keyed, then k pairs payload, dedup_key ('' = none) if keyed is 1, else
+--       k payloads (a run in which no job has a dedup key)
 -- Returns: when every job was created, {'+', now_ms, first_seq, count}: the ids are
 --          '%013d-%016d' of now_ms and first_seq .. first_seq + count - 1 (see enqueue_one),
 --          which spares a bulk enqueue thousands of reply strings; otherwise the flat array
@@ -17,9 +18,11 @@ buffered_pushes = {}
 for _ = 1, tonumber(ARGV[1]) do
   local spec = {unpack(ARGV, pos, pos + 12)}
   local k = tonumber(ARGV[pos + 13])
-  pos = pos + 14
+  local keyed = ARGV[pos + 14] == '1'
+  local stride = keyed and 2 or 1
+  pos = pos + 15
   for _ = 1, k do
-    local id, created = enqueue_one(seq + total, spec, ARGV[pos], ARGV[pos + 1])
+    local id, created = enqueue_one(seq + total, spec, ARGV[pos], keyed and ARGV[pos + 1] or '')
     if created == 0 and out == nil then
       out = {}
       for i = 0, total - 1 do
@@ -35,7 +38,7 @@ for _ = 1, tonumber(ARGV[1]) do
     if created == 1 then
       total = total + 1
     end
-    pos = pos + 2
+    pos = pos + stride
   end
 end
 flush_pushes()

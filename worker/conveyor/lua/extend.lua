@@ -1,5 +1,5 @@
 -- extend: push lease deadlines forward (heartbeat of long jobs).
--- KEYS: the queue keyspace (see _prelude.lua)
+-- KEYS: the queue's key base (see _prelude.lua)
 -- ARGV: lease_ttl_ms, then pairs id, lease_token
 -- Returns: {deadline_ms, stale ids...}; a stale id's lease was lost and its run must not ack.
 local deadline = NOW_MS + tonumber(ARGV[1])

@@ -1,5 +1,5 @@
 -- fail: record failed attempts; each is retried after its backoff or dead-lettered.
--- KEYS: the queue keyspace (see _prelude.lua)
+-- KEYS: the queue's key base (see _prelude.lua)
 -- ARGV: records of 7 fields: id, lease_token, reason, error_text, permanent (1/0),
 --       backoff_base_ms, backoff_cap_ms (either < 0: use the job's own)
 -- Returns: per record {id, outcome, delay_ms}; outcome is 'retry', 'dead' or 'stale'.

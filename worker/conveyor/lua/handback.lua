@@ -1,5 +1,5 @@
 -- handback: return leased jobs unrun (graceful drain); the attempt is refunded.
--- KEYS: the queue keyspace (see _prelude.lua)
+-- KEYS: the queue's key base (see _prelude.lua)
 -- ARGV: pairs id, lease_token
 -- Returns: the ids whose token was stale.
 local stale = {}

@@ -1,5 +1,5 @@
 -- purge: delete dead letters for good.
--- KEYS: the queue keyspace (see _prelude.lua)
+-- KEYS: the queue's key base (see _prelude.lua)
 -- ARGV: job ids
 -- Returns: the number of dead letters deleted.
 local purged = 0

@@ -2,7 +2,7 @@
 -- delayed jobs, so a class with no live worker still has its due work made ready; also purge
 -- dead letters past their retention, which otherwise happens only when another job dies. Safe
 -- to run from any number of processes at once: each expired lease is handled by exactly one call.
--- KEYS: the queue keyspace (see _prelude.lua)
+-- KEYS: the queue's key base (see _prelude.lua)
 -- ARGV: limit per class, then the classes
 -- Returns: {recovered_count, promoted_count}
 local limit = tonumber(ARGV[1])

@@ -2,7 +2,7 @@
 -- recover its leases now, as failed attempts with reason worker_lost, instead of letting them
 -- sit until they expire. Scans the lease sets of the given classes, so it suits a rare event
 -- (a crash), not a loop. Leases the worker no longer holds are left alone.
--- KEYS: the queue keyspace (see _prelude.lua)
+-- KEYS: the queue's key base (see _prelude.lua)
 -- ARGV: the worker's lease-token prefix ('<worker id>/'), a message, then the classes
 -- Returns: the number of leases recovered
 local prefix, message = ARGV[1], ARGV[2]

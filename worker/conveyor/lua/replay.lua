@@ -1,7 +1,7 @@
 -- replay: move dead letters back to ready with a fresh attempt budget. Payload, class, group
 -- and dedup key are untouched; the error history is kept. Idempotent: an id that is no longer
 -- dead is skipped.
--- KEYS: the queue keyspace (see _prelude.lua)
+-- KEYS: the queue's key base (see _prelude.lua)
 -- ARGV: job ids
 -- Returns: {replayed ids, missing ids (record gone), skipped ids (not dead)}
 local replayed, missing, skipped = {}, {}, {}

@@ -1,5 +1,5 @@
 -- resume: let a paused group's jobs be claimed again.
--- KEYS: the queue keyspace (see _prelude.lua)
+-- KEYS: the queue's key base (see _prelude.lua)
 -- ARGV: group, then the classes
 -- Returns: 1 if the group was paused, else 0.
 local group = ARGV[1]

@@ -1,6 +1,6 @@
 -- schedule: enqueue the job of one recurring schedule's tick, exactly once however many
 -- schedulers run: the tick is recorded in the same step as the enqueue.
--- KEYS: the queue keyspace (see _prelude.lua)
+-- KEYS: the queue's key base (see _prelude.lua)
 -- ARGV: schedule name, tick_ms, then one 13-field spec as in enqueue.lua (payload and
 --       dedup_key taken from it)
 -- Returns: {id, created} or {false, 0} when this tick (or a later one) was already enqueued.

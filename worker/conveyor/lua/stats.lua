@@ -1,5 +1,5 @@
 -- stats: one consistent snapshot of the backlog, at Redis time.
--- KEYS: the queue keyspace (see _prelude.lua)
+-- KEYS: the queue's key base (see _prelude.lua)
 -- ARGV: the classes
 -- Returns: {now_ms, per class {class, ready, due_delayed, future_delayed, in_flight, dead,
 --          oldest_ready_ms (-1: none), limited_groups, rate_limit_deferrals_total,
