@@ -1,7 +1,9 @@
 """``conveyor top``: the queue's live numbers in a terminal, for people on a jump host.
 
 It refreshes from Redis only (stats script, worker heartbeats, dead-letter index), so it works
-wherever the CLI can reach Redis and needs neither PostgreSQL nor the dashboard.
+wherever the CLI can reach Redis and needs neither PostgreSQL nor the dashboard. Where there
+is no terminal to redraw (output piped or redirected), ``snapshots`` prints the same view as
+successive plain snapshots instead.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from rich.console import Group
+import redis.exceptions
+from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConveyorError, translate_redis_error
+from conveyor.keys import PRIORITY_CLASSES
 from conveyor.queue import ClassStats, Queue
 from conveyor.workers import WorkerInfo, list_workers
 
@@ -52,13 +56,22 @@ class TopView:
     error: str = ""
 
     def render(self) -> Group:
+        """The view, or a panel saying why Redis could not be read."""
         try:
-            rows = self.queue.stats()
-            workers = list_workers(self.queue.client, self.queue.keys)
+            view = self.snapshot()
             self.error = ""
         except ConveyorError as exc:
             self.error = str(exc)
             return Group(Panel(f"[red]Redis unreachable:[/red] {self.error}", title="conveyor top"))
+        return view
+
+    def snapshot(self) -> Group:
+        """The view; raises ``ConveyorError`` when Redis cannot be read."""
+        rows = self.queue.stats()
+        try:
+            workers = list_workers(self.queue.client, self.queue.keys)
+        except redis.exceptions.RedisError as exc:  # a raw client call, unlike Queue's
+            raise translate_redis_error(exc, "list_workers") from exc
         return Group(self._classes(rows), self._workers(workers))
 
     def _classes(self, rows: list[ClassStats]) -> Table:
@@ -74,7 +87,12 @@ class TopView:
             "limited",
             "backlog (last 60 s)",
         ):
-            table.add_column(column, justify="left" if column == "class" else "right")
+            if column == "class":  # never shortened: the other headers wrap instead
+                table.add_column(column, no_wrap=True, min_width=max(map(len, PRIORITY_CLASSES)))
+            elif column.startswith("backlog"):
+                table.add_column(column, justify="right")
+            else:  # a narrow column folds a number rather than cut it
+                table.add_column(column, justify="right", overflow="fold")
         for row in rows:
             trend = self.history.setdefault(row.priority, deque(maxlen=60))
             trend.append(row.backlog)
@@ -85,7 +103,8 @@ class TopView:
     def _workers(workers: list[WorkerInfo]) -> Table:
         table = Table(title=f"{len(workers)} workers")
         for column in ("worker", "pod", "classes", "busy", "draining", "running"):
-            table.add_column(column)
+            # Folded, not cut: worker identities and job ids are copied from here.
+            table.add_column(column, overflow="fold")
         for w in workers:
             table.add_row(
                 w.identity,
@@ -106,3 +125,19 @@ def run(queue: Queue, interval: float = 1.0, iterations: int | None = None) -> N
             time.sleep(interval)
             live.update(view.render())
             count += 1
+
+
+def snapshots(queue: Queue, console: Console, interval: float = 1.0, count: int = 1) -> None:
+    """Print the view ``count`` times (0: until interrupted), ``interval`` seconds apart, as
+    ordinary output: no screen control, and no colour unless ``console`` is a terminal. A
+    failure to read Redis ends it with the ``ConveyorError``."""
+    view = TopView(queue)
+    printed = 0
+    while True:
+        if printed:
+            time.sleep(interval)
+            console.print()
+        console.print(view.snapshot())
+        printed += 1
+        if printed == count:
+            return

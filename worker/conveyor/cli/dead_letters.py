@@ -12,6 +12,7 @@ from rich.table import Table
 
 from conveyor.cli.params import TEXT
 from conveyor.cli.root import Context, console, pass_ctx
+from conveyor.job import JobInfo
 
 
 @click.group()
@@ -47,12 +48,36 @@ def _filter_args(options: dict[str, Any]) -> dict[str, Any]:
 @dlq.command("list")
 @_with_filters
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON object per line instead of a table: the table's fields, the full id, and"
+    " the last error's message, reason and time.",
+)
 @pass_ctx
-def dlq_list(obj: Context, /, limit: int, **options: Any) -> None:
-    """List dead letters, oldest first."""
-    table = Table("id", "type", "class", "group", "reason", "attempts", "died")
-    for info in obj.queue.dead_letters(limit=limit, **_filter_args(options)):
-        died = datetime.fromtimestamp(info.dead_at or 0, UTC).strftime("%Y-%m-%d %H:%M:%S")
+def dlq_list(obj: Context, /, limit: int, as_json: bool, **options: Any) -> None:
+    """List dead letters, oldest first.
+
+    The table shows every id in full, even when the terminal is too narrow for the table (its
+    lines then wrap). With --json, each line is an object with "id", "type", "class", "group",
+    "reason", "attempts", "max_attempts", "died" (ISO 8601, UTC) and, from the last recorded
+    attempt, "error", "error_reason" and "error_at" (null when none was recorded).
+    """
+    letters = obj.queue.dead_letters(limit=limit, **_filter_args(options))
+    if as_json:
+        for info in letters:
+            click.echo(orjson.dumps(_record(info)).decode())
+        return
+    table = Table()
+    # An id is never wrapped or cut: the other columns fold their text instead.
+    table.add_column("id", no_wrap=True)
+    for column in ("type", "class", "group", "reason", "attempts", "died"):
+        table.add_column(column, overflow="fold")
+    longest = 0
+    for info in letters:
+        died = _utc(info.dead_at)
+        longest = max(longest, len(info.id))
         table.add_row(
             info.id,
             info.type,
@@ -60,9 +85,68 @@ def dlq_list(obj: Context, /, limit: int, **options: Any) -> None:
             info.group,
             info.dead_reason,
             f"{info.attempts}/{info.max_attempts}",
-            died,
+            "-" if died is None else died.strftime("%Y-%m-%d %H:%M:%S"),
         )
-    console.print(table)
+    _print_keeping_ids(table, longest)
+
+
+def _print_keeping_ids(table: Table, id_width: int) -> None:
+    """Print ``table`` (first column the ids, no-wrap) without shortening any id.
+
+    Rich fits a table to the console by folding the wrappable columns, and as a last resort
+    shrinks every column, ids included. Below the width where folding the others suffices,
+    the table is laid out at that width and printed uncropped; the terminal wraps its lines.
+    """
+    columns = len(table.columns)
+    # Each cell has one space of padding either side; the box draws columns + 1 rules. The
+    # folding columns need one character each.
+    needed = (id_width + 2) + (1 + 2) * (columns - 1) + (columns + 1)
+    if console.width >= needed:
+        console.print(table)
+    else:
+        table.width = needed
+        console.print(table, crop=False)
+
+
+def _utc(seconds: float | None) -> datetime | None:
+    """A Unix time as a UTC datetime; None when absent or beyond what datetime holds (a
+    foreign record may hold anything)."""
+    if seconds is None:
+        return None
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _iso(seconds: float | None) -> str | None:
+    moment = _utc(seconds)
+    return None if moment is None else moment.isoformat(timespec="milliseconds")
+
+
+def _record(info: JobInfo) -> dict[str, Any]:
+    """One dead letter as ``dlq list --json`` prints it."""
+    last = info.errors[-1] if info.errors else {}
+    at = last.get("at")
+    # Error entries are JSON written by the Lua scripts (``at`` in ms) or by a foreign client.
+    error_at = None
+    if isinstance(at, int | float) and not isinstance(at, bool):
+        error_at = _iso(at / 1000)  # None when NaN, infinite or out of datetime's range
+    error = last.get("error")
+    reason = last.get("reason")
+    return {
+        "id": info.id,
+        "type": info.type,
+        "class": info.priority,
+        "group": info.group,
+        "reason": info.dead_reason,
+        "attempts": info.attempts,
+        "max_attempts": info.max_attempts,
+        "died": _iso(info.dead_at),
+        "error": error if isinstance(error, str) else None,
+        "error_reason": reason if isinstance(reason, str) else None,
+        "error_at": error_at,
+    }
 
 
 @dlq.command("show")

@@ -6,10 +6,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import click
-from rich.table import Table
 
 from conveyor.cli.params import TEXT, database_url_option
-from conveyor.cli.root import Context, console, pass_ctx
+from conveyor.cli.root import Context, console, folding_table, pass_ctx
 
 
 @click.command()
@@ -19,7 +18,7 @@ def stats(obj: Context, /) -> None:
     from conveyor.top import stats_cells
     from conveyor.workers import list_workers
 
-    table = Table(
+    table = folding_table(
         "class",
         "ready",
         "due delayed",
@@ -45,16 +44,40 @@ def stats(obj: Context, /) -> None:
 
 
 @click.command()
-@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Time between refreshes (or snapshots).",
+)
+@click.option(
+    "-n",
+    "--count",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="Print N plain snapshots, one per interval, then exit (0: until interrupted)."
+    "  [default: live view on a terminal, else 1]",
+)
 @pass_ctx
-def top(obj: Context, /, interval: float) -> None:
-    """A live terminal view: backlog per class and what each worker runs (Ctrl-C quits)."""
+def top(obj: Context, /, interval: float, count: int | None) -> None:
+    """A live terminal view: backlog per class and what each worker runs (Ctrl-C quits).
+
+    When standard output is not a terminal (piped to head or grep, redirected to a file),
+    top prints one plain-text snapshot of the same view and exits; --count asks for more.
+    """
     import contextlib
 
-    from conveyor.top import run
+    from conveyor.top import run, snapshots
 
+    if count is None and console.is_terminal:
+        with contextlib.suppress(KeyboardInterrupt):
+            run(obj.queue, interval)
+        return
     with contextlib.suppress(KeyboardInterrupt):
-        run(obj.queue, interval)
+        snapshots(obj.queue, console, interval, 1 if count is None else count)
 
 
 @click.command()
@@ -84,7 +107,9 @@ def history(
             events = job_history(conn, job_id, obj.queue_name)
             if not events:
                 raise click.ClickException(f"no history of job {job_id!r} in {obj.queue_name}")
-            table = Table("time (UTC)", "event", "attempt", "worker", "detail", title=job_id)
+            table = folding_table(
+                "time (UTC)", "event", "attempt", "worker", "detail", title=job_id
+            )
             for e in events:
                 at = e.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
                 table.add_row(at, e.kind, str(e.attempt or ""), e.worker, e.detail)
@@ -92,7 +117,7 @@ def history(
             end = until.replace(tzinfo=UTC) if until else datetime.now(UTC)
             start = since.replace(tzinfo=UTC) if since else _day_before(end)
             title = f"{obj.queue_name}: {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
-            table = Table("type", "class", "state", "jobs", title=title)
+            table = folding_table("type", "class", "state", "jobs", title=title)
             for row in state_counts(conn, start, end, obj.queue_name):
                 table.add_row(row.job_type, row.priority, row.state, str(row.jobs))
     console.print(table)
@@ -128,10 +153,16 @@ def schedule_list(obj: Context, /, path: str) -> None:
     keys = [obj.queue.keys.schedule(s.name) for s in schedules]
     lasts = obj.queue.client.mget(keys) if keys else []
     now = datetime.now(UTC)
-    table = Table("name", "cron", "zone", "job type", "catch-up", "last tick", "next tick")
+    table = folding_table("name", "cron", "zone", "job type", "catch-up", "last tick", "next tick")
     for s, last in zip(schedules, lasts, strict=True):
-        shown = from_ms(int(last)).astimezone(s.zone).isoformat() if last else "-"
+        shown = from_ms(int(last)).astimezone(s.zone).isoformat(" ") if last else "-"
         table.add_row(
-            s.name, s.cron, s.timezone, s.job_type, s.catch_up, shown, s.next_tick(now).isoformat()
+            s.name,
+            s.cron,
+            s.timezone,
+            s.job_type,
+            s.catch_up,
+            shown,
+            s.next_tick(now).isoformat(" "),
         )
     console.print(table)

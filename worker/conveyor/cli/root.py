@@ -15,6 +15,7 @@ import click
 import redis.exceptions
 from click.core import ParameterSource
 from rich.console import Console
+from rich.table import Table
 
 from conveyor.cli.params import QueueName, RedisURL, one_line
 from conveyor.connection import connect
@@ -26,6 +27,16 @@ CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 60.0
 """Seconds a command waits to connect to Redis, and for each reply (the slowest is one chunk
 of 10,000 jobs)."""
+
+
+def folding_table(*headers: str, title: str | None = None) -> Table:
+    """A table whose cells fold onto more lines when the console is narrow: rich's default
+    cuts them short with an ellipsis, and a cut job id, worker or schedule name is useless."""
+    table = Table(title=title)
+    for header in headers:
+        table.add_column(header, overflow="fold")
+    return table
+
 
 P = ParamSpec("P")
 R = TypeVar("R")

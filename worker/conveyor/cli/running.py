@@ -12,7 +12,7 @@ import os
 import secrets
 import sys
 import tempfile
-from typing import Any
+from typing import Any, get_type_hints
 
 import click
 
@@ -27,10 +27,36 @@ SETTINGS_ENV = "CONVEYOR_SETTINGS_JSON"
 """The variable through which the supervisor hands its settings, as JSON, to worker processes."""
 
 
+_METAVARS = {
+    "database_url": "URL",
+    "schedules": "PATH",
+    "classes": "CLASS,...",
+    "metrics_port": "PORT",
+    "metrics_host": "ADDRESS",
+    "log_format": "[text|json]",
+    "log_level": "LEVEL",
+    "worker_name": "NAME",
+    "pod_name": "NAME",
+}
+
+
+def _metavar(f: dataclasses.Field[Any], hint: Any) -> str:
+    """What ``--help`` shows for a setting's value. The values stay text until
+    ``WorkerSettings.from_env`` parses them, whose errors name the option and its variable."""
+    if f.name in _METAVARS:
+        return _METAVARS[f.name]
+    if hint is int:
+        return "INTEGER"
+    if hint is float:
+        return "SECONDS" if f.metadata["doc"].startswith("Seconds") else "FLOAT"
+    return "TEXT"
+
+
 def _worker_options() -> list[Any]:
     """One CLI option per WorkerSettings field, named and documented from the field."""
     options = []
     skip = {"redis_url", "queue", "import_path", "instance"}
+    hints = get_type_hints(WorkerSettings)
     for f in dataclasses.fields(WorkerSettings):
         if f.name in skip:
             continue
@@ -38,6 +64,7 @@ def _worker_options() -> list[Any]:
             click.Option(
                 ["--" + f.name.replace("_", "-")],
                 type=TEXT,
+                metavar=_metavar(f, hints[f.name]),
                 default=None,
                 envvar=env_name(f),
                 show_envvar=True,
