@@ -261,3 +261,69 @@ def test_under_a_rate_limit_ready_jobs_start_in_class_order(queue: Queue, redis_
         started += [job.priority for job in result.jobs]
         time.sleep(0.02)
     assert started == [p for p in PRIORITY_CLASSES for _ in range(10)]
+
+
+def test_a_limit_value_conveyor_did_not_write_limits_nothing(
+    queue: Queue, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """A foreign 'ten a second' (or a zero count) under the limits hash used to fail every
+    claim that reached the group: the queue stalled behind it."""
+    redis_client.hset(queue.keys.limits, mapping={"acme": "ten a second", "*": "0:1000"})
+    queue.enqueue_batch("t", range(3), group="acme")
+    queue.enqueue_batch("t", range(2), group="other")
+    worker = ScriptedWorker(redis_url, queue.keys)
+    assert sorted(job.group for job in worker.claim(10).jobs) == ["acme"] * 3 + ["other"] * 2
+
+
+def test_a_changed_limit_applies_at_once_to_a_group_already_held_back(
+    queue: Queue, redis_url: str
+) -> None:
+    """A group deferred under a limit of 1 per minute would wait out that minute after the
+    limit was raised or cleared; the change moves it back to now."""
+    queue.set_rate_limit("A", 1, 60)
+    queue.set_rate_limit("*", 1, 60)
+    queue.enqueue_batch("A", range(3), group="A")
+    queue.enqueue_batch("B", range(3), group="B")
+    worker = ScriptedWorker(redis_url, queue.keys)
+    assert sorted(types_of(worker, 10)) == ["A", "B"]
+    assert types_of(worker, 10) == []
+
+    queue.set_rate_limit("A", 100, 1)
+    assert types_of(worker, 10) == ["A", "A"]
+    # The default's change releases B, which it governs; A has a limit of its own.
+    queue.set_rate_limit("A", 1, 60)
+    queue.enqueue("A", 3, group="A")
+    assert types_of(worker, 10) == []
+    queue.clear_rate_limit("*")
+    assert types_of(worker, 10) == ["B", "B"]
+    queue.exempt_from_rate_limit("A")
+    assert types_of(worker, 10) == ["A"]
+
+
+def test_a_job_key_of_another_type_is_filed_as_a_dead_letter_and_costs_no_other_job(
+    queue: Queue, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Something else overwrote two jobs' records with other types: a ready one in the middle
+    of a group, a delayed one due now. A read error used to abort the claim after its pops:
+    the ids popped with the bad one were lost, and the delayed one failed every claim."""
+    ids = [e.id for e in queue.enqueue_batch("t", range(5), group="g")]
+    later = queue.enqueue("t", "later", delay=0.05).id
+    redis_client.set(queue.keys.job(ids[2]), "not a hash")
+    redis_client.delete(queue.keys.job(later))
+    redis_client.rpush(queue.keys.job(later), "a list")
+    time.sleep(0.1)
+    worker = ScriptedWorker(redis_url, queue.keys)
+
+    claimed = worker.claim(10)
+    assert sorted(job.id for job in claimed.jobs) == sorted([*ids[:2], *ids[3:]])
+    worker.ack(*claimed.jobs)
+    assert worker.claim(10).jobs == []
+    dead = {info.id: info for info in queue.dead_letters()}
+    assert set(dead) == {ids[2], later}
+    assert {(d.state, d.dead_reason) for d in dead.values()} == {("unreadable", "invalid_job")}
+    assert queue.stats(["normal"])[0].dead == 2
+    # Nothing to replay in it; purge deletes it for good.
+    assert queue.replay([ids[2]]).replayed == 0
+    assert queue.purge([ids[2], later]) == 2
+    assert not redis_client.exists(queue.keys.job(ids[2]), queue.keys.job(later))
+    assert queue.stats(["normal"])[0].dead == 0

@@ -180,6 +180,10 @@ def _parse_enqueued(raw: list[Any]) -> list[Enqueued]:
     return [Enqueued(raw[i].decode(), raw[i + 1] == 1) for i in range(0, len(raw), 2)]
 
 
+def _wrong_type(reply: Any) -> bool:
+    return isinstance(reply, redis.exceptions.ResponseError) and str(reply).startswith("WRONGTYPE")
+
+
 def _replicated(raw: Any, confirmed: Any, wanted: int, timeout: float) -> list[Enqueued]:
     """The reply of an ENQUEUE + WAIT pipeline; raises unless ``wanted`` replicas hold it."""
     for reply in (raw, confirmed):
@@ -334,9 +338,18 @@ class Queue:
         pipe.hgetall(self.keys.job(job_id))
         pipe.lrange(self.keys.errors(job_id), 0, -1)
         try:
-            raw, errors = pipe.execute()
+            raw, errors = pipe.execute(raise_on_error=False)
         except redis.exceptions.RedisError as exc:
             raise translate_redis_error(exc, "get_job") from exc
+        if _wrong_type(errors):
+            errors = []
+        if _wrong_type(raw):
+            # Something else wrote a key of another type under the job's name; the scripts
+            # file such an id as a dead letter (read_job in the Lua prelude).
+            return JobInfo.from_redis(job_id, {b"s": b"unreadable", b"dr": b"invalid_job"}, [])
+        for reply in (raw, errors):
+            if isinstance(reply, redis.exceptions.RedisError):
+                raise translate_redis_error(reply, "get_job") from reply
         if not raw:
             raise JobNotFound(f"no job {job_id} in queue {self.keys.queue}")
         return JobInfo.from_redis(job_id, raw, errors)
@@ -425,14 +438,19 @@ class Queue:
         if not 1 <= count <= 2**53 or not 0.001 <= per <= 100 * 365 * 86400:
             # A window under a millisecond would be stored as 0 ms, which means no limit.
             raise ConfigError("a rate limit needs 1 <= count <= 2**53 and 0.001 s <= per <= 100 y")
-        self._redis("rate_limit", "hset", self.keys.limits, group, f"{count}:{round(per * 1000)}")
+        self._limit(group, f"{count}:{round(per * 1000)}")
 
     def exempt_from_rate_limit(self, group: str) -> None:
         """Let ``group`` run unlimited even when a default limit is set."""
-        self._redis("rate_limit", "hset", self.keys.limits, group, "-")
+        self._limit(group, "-")
 
     def clear_rate_limit(self, group: str) -> None:
-        self._redis("rate_limit", "hdel", self.keys.limits, group)
+        """Drop ``group``'s own limit: the default applies to it again."""
+        self._limit(group, "")
+
+    def _limit(self, group: str, spec: str) -> None:
+        # A group already held back under the old rule is released to the new one at once.
+        self._run(scripts.LIMIT, [group, spec, *PRIORITY_CLASSES])
 
     def rate_limits(self) -> dict[str, str]:
         raw = self._redis("rate_limit", "hgetall", self.keys.limits)

@@ -58,9 +58,8 @@ def rate_limit(
 
     PER is from 0.001 (Redis counts milliseconds) to a century. A group without a limit of
     its own follows the default; jobs without a group are limited only by a limit set for
-    the group '' (the default does not apply to them). A change applies to the group's next
-    claim, but a group already waiting for its old limit waits that out (at most the old
-    PER / COUNT seconds).
+    the group '' (the default does not apply to them). A change applies at once, also to a
+    group already waiting for its old limit (its rate count starts afresh).
 
     \b
     conveyor rate-limit acme 10 1        10 jobs of group acme per second

@@ -212,13 +212,35 @@ local function schedule_at(class, id, due_ms)
   end
 end
 
+-- Fields of a job's record, or false when its key holds another type (something else wrote
+-- under a job's name). A read error would abort the script after its first writes, and Redis
+-- does not roll a script back: a claim would lose every id it had already popped.
+local function read_job(id, ...)
+  local job = redis.pcall('HMGET', K_JOB .. id, ...)
+  if job.err then
+    return false
+  end
+  return job
+end
+
+-- An id whose record is of another type can neither run nor hold state: it is filed in the
+-- dead-letter index as it is (dlq list shows it as unreadable; purge deletes it).
+local function dead_letter_unreadable(id, class)
+  redis.call('ZADD', K_DEAD, fmt(NOW_MS), id)
+  redis.call('HSET', K_DEAD_CLASS, id, class)
+  count('dead:' .. class, 1)
+  emit('dead_lettered', id, '', class, 0, 'invalid_job')
+end
+
 -- Move due delayed jobs of one class into their group lists.
 local function promote(class, limit)
   local key = K_DELAYED .. class
   local due = redis.call('ZRANGEBYSCORE', key, '-inf', fmt(NOW_MS), 'LIMIT', 0, limit)
   for _, id in ipairs(due) do
-    local job = redis.call('HMGET', K_JOB .. id, 's', 'g')
-    if job[1] then
+    local job = read_job(id, 's', 'g')
+    if not job then
+      dead_letter_unreadable(id, class)
+    elseif job[1] then
       redis.call('HSET', K_JOB .. id, 's', 'queued', 'qt', fmt(NOW_MS))
       make_ready(class, job[2] or '', id, false)
     end
@@ -252,7 +274,7 @@ local function dead_letter_trim()
     end
   end
   for _, id in ipairs(expired) do
-    local job = redis.call('HMGET', K_JOB .. id, 't', 'c', 'a')
+    local job = read_job(id, 't', 'c', 'a') or {}
     redis.call('DEL', K_JOB .. id, K_ERR .. id)
     redis.call('ZREM', K_DEAD, id)
     emit('purged', id, job[1], undead(id, job[2]), job[3], 'retention')
@@ -304,8 +326,8 @@ end
 -- Returns the job's class when `token` is its current lease, or false: a stale token (lease
 -- expired and recovered, job already finished or handed back) must change nothing.
 local function check_lease(id, token)
-  local job = redis.call('HMGET', K_JOB .. id, 's', 'lt', 'c')
-  if job[1] ~= 'active' or job[2] ~= token then
+  local job = read_job(id, 's', 'lt', 'c')
+  if not job or job[1] ~= 'active' or job[2] ~= token then
     return false
   end
   return job[3]
@@ -322,8 +344,8 @@ local function ack_leases(first, last)
   for i = first, last, 3 do
     local id, token = ARGV[i], ARGV[i + 1]
     local key = K_JOB .. id
-    local job = redis.call('HMGET', key, 's', 'lt', 'c', 't', 'a')
-    if job[1] ~= 'active' or job[2] ~= token then
+    local job = read_job(id, 's', 'lt', 'c', 't', 'a')
+    if not job or job[1] ~= 'active' or job[2] ~= token then
       stale[#stale + 1] = id
     else
       local class = job[3]

@@ -33,7 +33,14 @@ local function limit_of(group)
     end
     if spec and spec ~= '-' then
       local c, w = string.match(spec, '^(%d+):(%d+)$')
-      spec = {tonumber(c), tonumber(w)}
+      c, w = tonumber(c), tonumber(w)
+      -- A value Conveyor did not write ('ten a second', '0:1000') limits nothing: refusing
+      -- every claim of the group over it would stall the queue. `rate-limit --list` shows it.
+      if c and w and c >= 1 and w >= 1 then
+        spec = {c, w}
+      else
+        spec = false
+      end
     else
       spec = false
     end
@@ -51,7 +58,7 @@ local function admit(group)
   end
   local interval = spec[2] / spec[1]
   local key = K_RATE .. group
-  local tat = math.max(tonumber(redis.call('GET', key) or 0), NOW_MS)
+  local tat = math.max(tonumber(redis.call('GET', key)) or 0, NOW_MS)
   local allowed_at = tat - spec[2] + interval
   if allowed_at > NOW_MS then
     return math.ceil(allowed_at)
@@ -91,10 +98,12 @@ local FIELDS = {'t', 'p', 'a', 'm', 'o', 'g', 'ct', 'qt', 'v', 'lw'}
 local function lease(class, ids, leases)
   for _, id in ipairs(ids) do
     local key = K_JOB .. id
-    local job = redis.call('HMGET', key, unpack(FIELDS))
+    local job = read_job(id, unpack(FIELDS))
     -- A job hash deleted behind Conveyor's back leaves a dangling id: nothing to run. A record
     -- that exists but lacks its fields is leased all the same, so the worker dead-letters it.
-    if job[1] or job[2] or job[3] or redis.call('EXISTS', key) == 1 then
+    if not job then
+      dead_letter_unreadable(id, class)
+    elseif job[1] or job[2] or job[3] or redis.call('EXISTS', key) == 1 then
       local attempts = attempts_of(job[3]) + 1
       local token = prefix .. ':' .. fmt(claimed)
       -- The class is written back from where the job was found: ack, fail and recovery find

@@ -5,7 +5,7 @@
 local purged = 0
 for _, id in ipairs(ARGV) do
   if redis.call('ZREM', K_DEAD, id) == 1 then
-    local job = redis.call('HMGET', K_JOB .. id, 't', 'c', 'a')
+    local job = read_job(id, 't', 'c', 'a') or {}
     redis.call('DEL', K_JOB .. id, K_ERR .. id)
     emit('purged', id, job[1], undead(id, job[2]), job[3], 'manual')
     purged = purged + 1

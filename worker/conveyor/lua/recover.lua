@@ -12,8 +12,8 @@ for c = 2, #ARGV do
   local expired = redis.call('ZRANGEBYSCORE', K_LEASE .. class, '-inf', fmt(NOW_MS),
     'LIMIT', 0, limit)
   for _, id in ipairs(expired) do
-    local state = redis.call('HGET', K_JOB .. id, 's')
-    if state == 'active' then
+    local job = read_job(id, 's')
+    if job and job[1] == 'active' then
       fail_attempt(id, class, 'worker_lost', 'lease expired without ack or heartbeat', false,
         -1, -1)
       recovered = recovered + 1

@@ -10,8 +10,8 @@ local released = 0
 for c = 3, #ARGV do
   local class = ARGV[c]
   for _, id in ipairs(redis.call('ZRANGE', K_LEASE .. class, 0, -1)) do
-    local job = redis.call('HMGET', K_JOB .. id, 's', 'lt')
-    if job[1] == 'active' and job[2] and string.sub(job[2], 1, #prefix) == prefix then
+    local job = read_job(id, 's', 'lt')
+    if job and job[1] == 'active' and job[2] and string.sub(job[2], 1, #prefix) == prefix then
       if fail_attempt(id, class, 'worker_lost', message, false, -1, -1) == 'retry' then
         -- Its process died during the run, maybe because of this job (out of memory, a crash
         -- in native code): its next run goes alone, so a poison job takes no other job down

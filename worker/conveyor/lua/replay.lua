@@ -3,12 +3,13 @@
 -- dead is skipped.
 -- KEYS: the queue's key base (see _prelude.lua)
 -- ARGV: job ids
--- Returns: {replayed ids, missing ids (record gone), skipped ids (not dead)}
+-- Returns: {replayed ids, missing ids (record gone), skipped ids (not dead, or a record of
+--          another type that cannot be replayed)}
 local replayed, missing, skipped = {}, {}, {}
 for _, id in ipairs(ARGV) do
   local key = K_JOB .. id
-  local job = redis.call('HMGET', key, 's', 't', 'c', 'g', 'rc')
-  if redis.call('ZSCORE', K_DEAD, id) == false then
+  local job = read_job(id, 's', 't', 'c', 'g', 'rc')
+  if redis.call('ZSCORE', K_DEAD, id) == false or not job then
     skipped[#skipped + 1] = id
   elseif not job[1] then
     redis.call('ZREM', K_DEAD, id)

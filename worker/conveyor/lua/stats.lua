@@ -19,7 +19,7 @@ for _, class in ipairs(ARGV) do
     local id = redis.call('LINDEX', K_GROUP .. class .. ':' .. group, 0)
     if id then
       -- A job that never waited before has no 'qt' yet: it became ready when it was created.
-      local times = redis.call('HMGET', K_JOB .. id, 'qt', 'ct')
+      local times = read_job(id, 'qt', 'ct') or {}
       local qt = tonumber(times[1] or times[2])
       if qt and (oldest < 0 or qt < oldest) then
         oldest = qt
