@@ -2,8 +2,9 @@
 
 - `INFO commandstats`: server time per command. Commands that Lua scripts call are counted
   under their own names too, which shows the Redis structure a cost comes from.
-- `SLOWLOG` with a threshold of 0 for the window: the duration of every EVALSHA with its SHA,
-  which says which Conveyor script (claim, ack, ...) the server time goes to.
+- `SLOWLOG` with a threshold of 0 for the window: the duration of every FCALL (Conveyor's
+  functions, named `conveyor_<version>_<operation>`) and EVALSHA (the bench's own recorder),
+  which says which operation (claim, ack, ...) the server time goes to.
 - `INFO cpu` and /proc/<pid>/stat: CPU seconds of redis-server and of the worker's process
   tree, a cost that other load on a shared machine disturbs far less than wall-clock time.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,14 +22,15 @@ from typing import Any
 from harness import proctree
 from harness.redis_server import RedisServer
 from harness.resp import Client
-from harness.systems import DRIVERS_DIR, REPO_DIR
+from harness.systems import DRIVERS_DIR
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Harness bookkeeping, not Conveyor's: left out of the per-command profile.
 HARNESS_COMMANDS = frozenset(
     {"info", "config|get", "config|set", "slowlog|get", "slowlog|reset", "hello", "ping"}
 )
-LUA_DIR = REPO_DIR / "worker" / "conveyor" / "lua"
+# conveyor_<library version>_<operation>: the operation is what the report names.
+FUNCTION_NAME = re.compile(r"^conveyor_[0-9a-f]+_")
 # More than a 10^4-job drain produces (a few thousand calls); memory for it is a few MB.
 SLOWLOG_CAPACITY = 200_000
 
@@ -96,32 +99,21 @@ class Snapshot:
         # while the costs accrued.
         jobs = self.jobs - earlier.jobs
         profile = _delta(self.commands, earlier.commands)
-        evalsha = profile.get("evalsha", {"calls": 0, "usec": 0})
+        scripts = [profile.get(name, {"calls": 0, "usec": 0}) for name in ("fcall", "evalsha")]
         return {
             "window_jobs": jobs,
             "commands": profile,
-            "evalsha_calls": evalsha["calls"],
-            "evalsha_usec_per_job": evalsha["usec"] / jobs,
+            "script_calls": sum(s["calls"] for s in scripts),
+            "script_usec_per_job": sum(s["usec"] for s in scripts) / jobs,
             "redis_cpu_us_per_job": 1e6 * (self.redis_cpu_s - earlier.redis_cpu_s) / jobs,
             "worker_cpu_us_per_job": 1e6 * (self.worker_cpu_s - earlier.worker_cpu_s) / jobs,
         }
 
 
 def script_names() -> dict[str, str]:
-    """SHA1 -> script name, computed the way conveyor.scripts loads them (prelude + body).
-
-    Read when the capture starts: the tree is shared, and a script edited since the worker
-    loaded it shows up under its SHA instead of a wrong name.
-    """
+    """SHA1 -> name of the EVALSHA scripts seen in a drain: the drivers' completion counter.
+    Conveyor's own operations run as functions, named after the operation (see ScriptTimes)."""
     names: dict[str, str] = {}
-    try:
-        prelude = (LUA_DIR / "_prelude.lua").read_text()
-        for path in LUA_DIR.glob("*.lua"):
-            if path.name != "_prelude.lua":
-                source = prelude + "\n" + path.read_text()
-                names[hashlib.sha1(source.encode()).hexdigest()] = path.stem
-    except OSError:
-        pass
     # The drivers' completion counter (driverlib.RECORD_LUA) runs beside Conveyor's scripts.
     try:
         tree = ast.parse((DRIVERS_DIR / "driverlib.py").read_text())
@@ -180,10 +172,16 @@ class ScriptTimes:
             if not isinstance(entry, list) or len(entry) < 4 or not isinstance(entry[3], list):
                 continue
             duration, args = entry[2], entry[3]
-            if len(args) < 2 or not isinstance(args[0], bytes) or args[0].lower() != b"evalsha":
+            if len(args) < 2 or not isinstance(args[0], bytes) or not isinstance(args[1], bytes):
                 continue
-            sha = args[1].decode() if isinstance(args[1], bytes) else "?"
-            stat = out.setdefault(self.names.get(sha, f"sha {sha[:10]}"), {"calls": 0, "usec": 0})
+            command, target = args[0].lower(), args[1].decode(errors="replace")
+            if command == b"fcall":
+                name = FUNCTION_NAME.sub("", target)
+            elif command == b"evalsha":
+                name = self.names.get(target, f"sha {target[:10]}")
+            else:
+                continue
+            stat = out.setdefault(name, {"calls": 0, "usec": 0})
             stat["calls"] += 1
             stat["usec"] += int(duration) if isinstance(duration, int) else 0
         return out

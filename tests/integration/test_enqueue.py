@@ -121,19 +121,19 @@ def test_the_window_outlives_the_job_itself(queue: Queue, redis_url: str) -> Non
 def test_ten_thousand_jobs_are_enqueued_in_one_round_trip(
     queue: Queue, redis_client: redis.Redis
 ) -> None:
-    queue.enqueue("warm-up")  # loads the script, so no NOSCRIPT retry is counted below
+    queue.enqueue("warm-up")  # loads the functions, so no reload is counted below
 
     def calls() -> dict[str, int]:
         stats = redis_client.info("commandstats")
         return {
             name: int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
-            for name in ("evalsha", "eval")
+            for name in ("fcall", "function|load")
         }
 
     before = calls()
     results = queue.enqueue_batch("bulk", ({"i": i} for i in range(10_000)), group="g")
     after = calls()
-    assert (after["evalsha"] - before["evalsha"], after["eval"] - before["eval"]) == (1, 0)
+    assert {name: after[name] - before[name] for name in after} == {"fcall": 1, "function|load": 0}
 
     ids = [r.id for r in results]
     assert len(set(ids)) == 10_000
@@ -233,3 +233,18 @@ def test_with_retention_a_finished_job_is_kept_then_expires(
     assert census(redis_client, queue.keys).states["done"] == {job_id}
     time.sleep(0.4)
     assert not redis_client.exists(queue.keys.job(job_id), queue.keys.errors(job_id))
+
+
+def test_a_server_that_lost_the_functions_gets_them_back_on_the_next_call(
+    queue: Queue, redis_client: redis.Redis, redis_url: str
+) -> None:
+    """A Redis restarted without persistence, or FUNCTION FLUSH: every path loads the library
+    again by itself, the worker's one-trip wait included."""
+    queue.enqueue("t", 1)
+    redis_client.function_flush()
+    assert queue.enqueue("t", 2).created
+    redis_client.function_flush()
+    worker = ScriptedWorker(redis_url, queue.keys)
+    assert [job.payload for job in worker.claim(10).jobs] == [b"1", b"2"]
+    redis_client.function_flush()
+    assert queue.stats(["normal"])[0].in_flight == 2

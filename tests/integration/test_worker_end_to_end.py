@@ -32,6 +32,40 @@ def test_every_enqueued_job_runs_once_and_is_acked(
     assert taken.states["done"] == set(ids)
 
 
+def test_a_busy_worker_sends_its_acks_along_with_its_next_claim(
+    workers: Workers, tracked: Queue, job_ledger: Ledger, redis_client: redis.Redis
+) -> None:
+    """Jobs that finish free slots, so the claim that fills them carries their acks: a busy
+    worker pays one function call per batch instead of two. Read from Redis's own log of
+    every call (SLOWLOG at 0 us), not from the worker."""
+    workers.start(concurrency=8)
+    saved = redis_client.config_get("slowlog-*")
+    redis_client.config_set("slowlog-max-len", 100_000)
+    redis_client.config_set("slowlog-log-slower-than", 0)
+    redis_client.slowlog_reset()
+    try:
+        ids = [r.id for r in tracked.enqueue_batch("noop", ({"i": i} for i in range(400)))]
+        job_ledger.wait_rows(len(ids), timeout=30, outcome="ok")
+        wait_until(lambda: all(tracked.get_job(i).state == "done" for i in ids), 5, "acks")
+        calls = redis_client.slowlog_get(100_000)
+    finally:
+        redis_client.config_set("slowlog-log-slower-than", saved["slowlog-log-slower-than"])
+        redis_client.config_set("slowlog-max-len", saved["slowlog-max-len"])
+        redis_client.slowlog_reset()
+
+    claims = [
+        entry["command"].split()
+        for entry in calls
+        if entry["command"].startswith(b"FCALL conveyor_")
+        and entry["command"].split()[1].endswith(b"_claim")
+    ]
+    # FCALL name 1 key n ttl prefix k, the k classes, then the acks' triples.
+    carrying = [args for args in claims if len(args) > 8 + int(args[7])]
+    assert len(carrying) >= 10, f"{len(carrying)} of {len(claims)} claims carried acks"
+    assert {tracked.get_job(i).attempts for i in ids} == {1}
+    assert_conserved(redis_client, tracked.keys.queue, ids)
+
+
 def test_a_worker_never_runs_more_jobs_at_once_than_its_concurrency(
     workers: Workers, tracked: Queue, job_ledger: Ledger
 ) -> None:

@@ -53,7 +53,7 @@ def test_two_queues_or_two_prefixes_never_share_a_key() -> None:
 def test_the_lua_prelude_builds_the_key_names_python_lists_in_the_same_order() -> None:
     prelude = (resources.files("conveyor") / "lua" / "_prelude.lua").read_text()
     suffixes = re.search(r"local KEY_SUFFIXES = \{(.*?)\}", prelude, re.S)
-    declaration = re.search(r"local (K_[A-Z_,\s]+?)\s*=\s*unpack\(KEY_NAMES\)", prelude)
+    declaration = re.search(r"(K_[A-Z_,\s]+?)\s*=\s*keyspace\(keys\[1\]\)", prelude)
     assert suffixes is not None
     assert declaration is not None
     assert re.findall(r"'([^']*)'", suffixes.group(1)) == list(SCRIPT_KEY_NAMES)

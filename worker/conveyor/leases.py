@@ -171,7 +171,7 @@ class LeaseClient:
 
         ``waiting_as`` gets the Redis client id of the waiting connection (then None once
         the wait is over): ``CLIENT UNBLOCK`` with it ends the wait early. Returns None if
-        Redis had lost the claim script (the next plain ``claim()`` loads it again)."""
+        Redis had lost Conveyor's functions (the next plain ``claim()`` loads them again)."""
         n, lease_ttl_ms, token_prefix, classes = claim
         pool = blocking.connection_pool
         try:
@@ -192,8 +192,8 @@ class LeaseClient:
                         ("CLIENT", "ID"),
                         ("BLPOP", *wake_keys, wait_seconds),
                         (
-                            "EVALSHA",
-                            scripts.CLAIM.sha,
+                            "FCALL",
+                            scripts.CLAIM.function,
                             len(self._script_keys),
                             *self._script_keys,
                             *_claim_args(n, lease_ttl_ms, token_prefix, classes, []),
@@ -222,7 +222,7 @@ class LeaseClient:
         finally:
             await pool.release(connection)
         _, woken, raw = replies
-        if isinstance(raw, redis.exceptions.NoScriptError):
+        if scripts.missing(raw):
             return None
         if isinstance(raw, redis.exceptions.ResponseError):
             raise translate_redis_error(raw, "claim") from raw

@@ -200,16 +200,12 @@ def _replicated(raw: Any, confirmed: Any, wanted: int, timeout: float) -> list[E
 
 
 def _replicated_pipeline(
-    client: Any, keys: Sequence[str | bytes], args: list[Any], by_sha: bool, queue: Any
+    client: Any, keys: Sequence[str | bytes], args: list[Any], queue: Any
 ) -> Any:
     """ENQUEUE then WAIT in one pipeline, so WAIT runs on the connection that wrote: it counts
     the replicas that acknowledged that connection's writes. Sync or asyncio client alike."""
-    script = scripts.ENQUEUE
     pipe = client.pipeline(transaction=False)
-    if by_sha:
-        pipe.evalsha(script.sha, len(keys), *keys, *args)
-    else:
-        pipe.eval(script.source, len(keys), *keys, *args)
+    pipe.fcall(scripts.ENQUEUE.function, len(keys), *keys, *args)
     pipe.wait(queue.wait_for_replicas, round(queue.replica_timeout * 1000))
     return pipe
 
@@ -314,14 +310,15 @@ class Queue:
         return results
 
     def _enqueue_replicated(self, args: list[Any]) -> list[Enqueued]:
-        for by_sha in (True, False):
-            pipe = _replicated_pipeline(self.client, self._script_keys, args, by_sha, self)
+        for first_try in (True, False):
+            pipe = _replicated_pipeline(self.client, self._script_keys, args, self)
             try:
                 raw, confirmed = pipe.execute(raise_on_error=False)
+                if not (first_try and scripts.missing(raw)):
+                    break
+                scripts.load(self.client)
             except redis.exceptions.RedisError as exc:
                 raise translate_redis_error(exc, "enqueue") from exc
-            if not (by_sha and isinstance(raw, redis.exceptions.NoScriptError)):
-                break
         return _replicated(raw, confirmed, self.wait_for_replicas, self.replica_timeout)
 
     def enqueue_batch(
@@ -520,14 +517,15 @@ class AsyncQueue:
         return results
 
     async def _enqueue_replicated(self, args: list[Any]) -> list[Enqueued]:
-        for by_sha in (True, False):
-            pipe = _replicated_pipeline(self.client, self.keys.script_keys, args, by_sha, self)
+        for first_try in (True, False):
+            pipe = _replicated_pipeline(self.client, self.keys.script_keys, args, self)
             try:
                 raw, confirmed = await pipe.execute(raise_on_error=False)
+                if not (first_try and scripts.missing(raw)):
+                    break
+                await scripts.aload(self.client)
             except redis.exceptions.RedisError as exc:
                 raise translate_redis_error(exc, "enqueue") from exc
-            if not (by_sha and isinstance(raw, redis.exceptions.NoScriptError)):
-                break
         return _replicated(raw, confirmed, self.wait_for_replicas, self.replica_timeout)
 
     async def enqueue_batch(

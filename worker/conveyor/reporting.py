@@ -74,6 +74,7 @@ class Reporter:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
+        self._retrying = False
 
     def ack(self, job_id: str, token: str, runtime_ms: int, labels: Labels) -> None:
         self._acks.append((job_id, token, runtime_ms))
@@ -97,7 +98,14 @@ class Reporter:
 
     def take_acks(self) -> tuple[list[Ack], list[Labels]]:
         """Hand the buffered acks to a claim that will carry them. The caller owes either
-        ``acked()`` with the claim's answer or ``put_back_acks()`` if the claim failed."""
+        ``acked()`` with the claim's answer or ``put_back_acks()`` if the claim failed.
+        None while the reporter retries after a failure: it owns them until they are sent,
+        and says so in the log."""
+        if self._retrying:
+            return [], []
+        return self._take_acks()
+
+    def _take_acks(self) -> tuple[list[Ack], list[Labels]]:
         acks, labels = self._acks[:MAX_BATCH], self._ack_labels[:MAX_BATCH]
         del self._acks[: len(acks)], self._ack_labels[: len(acks)]
         return acks, labels
@@ -125,6 +133,7 @@ class Reporter:
                     await self._send_once()
                 except ConveyorError as exc:
                     failures += 1
+                    self._retrying = True
                     if isinstance(exc, BackendUnavailable):
                         self.outage.failed("report", exc)
                     if failures == 1:
@@ -144,6 +153,7 @@ class Reporter:
                     # A bug must not end the reporter: every later outcome would go unsent
                     # and every job after it would run again once its lease expired.
                     failures += 1
+                    self._retrying = True
                     if failures == 1:
                         log.exception(
                             "reporting %d outcomes failed unexpectedly, retrying",
@@ -153,6 +163,7 @@ class Reporter:
                     await asyncio.sleep(random.uniform(0, min(5.0, 0.05 * 2**failures)))
                     continue
                 self.outage.succeeded()
+                self._retrying = False
                 if failures:
                     log.info(
                         "outcomes reported again after %d failed tries",
@@ -165,7 +176,7 @@ class Reporter:
     async def _send_once(self) -> None:
         if self._acks:
             # Taken out before the await: a claim may take acks from the buffer meanwhile.
-            batch, labels = self.take_acks()
+            batch, labels = self._take_acks()
             try:
                 stale = await self.leases.ack(batch)
             except BaseException:

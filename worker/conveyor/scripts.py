@@ -1,16 +1,19 @@
-"""Loading and calling the Lua scripts that make every state change atomic.
+"""Loading and calling the Lua functions that make every state change atomic.
 
-Each operation lives in ``lua/<name>.lua``; the shared prelude (key names, clock, enqueue,
-fail and dead-letter steps) is prepended at load time. Scripts run by SHA and are loaded again
-transparently after a Redis restart (``NOSCRIPT``). A single ``LuaScript`` serves both the
-synchronous producer API and the asyncio worker.
+Each operation lives in ``lua/<name>.lua``. With the shared prelude they form one Redis
+function library (``FUNCTION LOAD``, Redis 7): the prelude's definitions are built once per
+server instead of on every call, which a plain ``EVAL`` script repeats each time (its prelude
+cost 84 µs of a call after an idle pause, against 16 µs for an empty script, and an idle
+worker's pickup pays for two calls). The library's name carries a hash of its source, so two
+Conveyor versions can share one Redis during a rolling upgrade; a server that lacks it (a
+restart without persistence, ``FUNCTION FLUSH``) gets it again on the next call. A single
+``LuaScript`` serves both the synchronous producer API and the asyncio worker.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -22,10 +25,45 @@ from conveyor.errors import translate_redis_error
 _PRELUDE = "_prelude.lua"
 
 
-@cache
-def _source(name: str) -> str:
+def _library() -> tuple[str, str]:
+    """(version, source) of the function library: the prelude, then one local function per
+    operation, then their registrations under ``conveyor_<version>_<operation>``."""
     lua = resources.files("conveyor") / "lua"
-    return (lua / _PRELUDE).read_text() + "\n" + (lua / f"{name}.lua").read_text()
+    operations = sorted(
+        entry.name.removesuffix(".lua")
+        for entry in lua.iterdir()
+        if entry.name.endswith(".lua") and entry.name != _PRELUDE
+    )
+    parts = [(lua / _PRELUDE).read_text()]
+    for name in operations:
+        parts.append(f"local function op_{name}()\n{(lua / f'{name}.lua').read_text()}\nend\n")
+    body = "\n".join(parts)
+    version = hashlib.sha1(body.encode()).hexdigest()[:12]
+    registrations = "".join(
+        f"redis.register_function('conveyor_{version}_{name}', function(keys, args)\n"
+        f"  begin(keys, args)\n  return op_{name}()\nend)\n"
+        for name in operations
+    )
+    return version, f"#!lua name=conveyor_{version}\n{body}\n{registrations}"
+
+
+VERSION, LIBRARY = _library()
+
+
+def missing(reply: object) -> bool:
+    """Whether a reply says the server lacks Conveyor's functions (load them, then retry)."""
+    return isinstance(reply, redis.exceptions.ResponseError) and str(reply).startswith(
+        "Function not found"
+    )
+
+
+def load(client: redis.Redis) -> None:
+    # REPLACE: two processes that both found the library missing may load it at once.
+    client.function_load(LIBRARY, replace=True)
+
+
+async def aload(client: redis.asyncio.Redis) -> None:
+    await client.function_load(LIBRARY, replace=True)
 
 
 class LuaScript:
@@ -33,15 +71,17 @@ class LuaScript:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.source = _source(name)
-        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+        self.function = f"conveyor_{VERSION}_{name}"
 
     def run(self, client: redis.Redis, keys: Sequence[str | bytes], args: list[Any]) -> Any:
         try:
             try:
-                return client.evalsha(self.sha, len(keys), *keys, *args)
-            except redis.exceptions.NoScriptError:
-                return client.eval(self.source, len(keys), *keys, *args)
+                return client.fcall(self.function, len(keys), *keys, *args)
+            except redis.exceptions.ResponseError as exc:
+                if not missing(exc):
+                    raise
+            load(client)
+            return client.fcall(self.function, len(keys), *keys, *args)
         except redis.exceptions.RedisError as exc:
             raise translate_redis_error(exc, self.name) from exc
 
@@ -50,9 +90,12 @@ class LuaScript:
     ) -> Any:
         try:
             try:
-                return await client.evalsha(self.sha, len(keys), *keys, *args)
-            except redis.exceptions.NoScriptError:
-                return await client.eval(self.source, len(keys), *keys, *args)
+                return await client.fcall(self.function, len(keys), *keys, *args)
+            except redis.exceptions.ResponseError as exc:
+                if not missing(exc):
+                    raise
+            await aload(client)
+            return await client.fcall(self.function, len(keys), *keys, *args)
         except redis.exceptions.RedisError as exc:
             raise translate_redis_error(exc, self.name) from exc
 

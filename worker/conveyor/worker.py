@@ -339,7 +339,7 @@ class Worker:
 
     async def _wait_then_claim(self, previous: ClaimResult, wanted: int) -> ClaimResult | None:
         """None when the wait failed (Redis unreachable: the caller's plain claim takes over,
-        with its backoff) or Redis had lost the script."""
+        with its backoff) or Redis had lost Conveyor's functions."""
         timeout = self.settings.sweep_interval
         if previous.next_ms >= 0:
             timeout = min(timeout, max(0.001, (previous.next_ms - previous.now_ms) / 1000))

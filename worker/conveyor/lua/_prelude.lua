@@ -1,4 +1,6 @@
--- Prepended to every Conveyor script when it is loaded (see scripts.py).
+-- The shared part of Conveyor's function library (see scripts.py): key names, clock, and the
+-- steps several operations share. It runs once when the library is loaded; begin() sets up the
+-- state of one call (time, key names, buffers), and every operation calls it first.
 --
 -- KEYS[1]: the queue's key base, '<prefix>:{<queue>}:'. Every key a script touches is the base,
 --          one of the suffixes below (keys.SCRIPT_KEY_NAMES, same order) and for some an id,
@@ -14,13 +16,24 @@
 local KEY_SUFFIXES = {'job:', 'err:', 'ready:', 'group:', 'delayed:', 'lease:', 'dead', 'dedup:',
   'rate:', 'limits', 'paused', 'wake:', 'events', 'seq', 'counts', 'workers', 'worker:',
   'schedule:', 'config', 'dead_class'}
-local KEY_NAMES = {}
-for i, suffix in ipairs(KEY_SUFFIXES) do
-  KEY_NAMES[i] = KEYS[1] .. suffix
-end
+-- The call's KEYS and ARGV, and the key names built from KEYS[1] (see begin()).
+local KEYS, ARGV
 local K_JOB, K_ERR, K_READY, K_GROUP, K_DELAYED, K_LEASE, K_DEAD, K_DEDUP, K_RATE,
   K_LIMITS, K_PAUSED, K_WAKE, K_EVENTS, K_SEQ, K_COUNTS, K_WORKERS, K_WORKER, K_SCHEDULE,
-  K_CONFIG, K_DEAD_CLASS = unpack(KEY_NAMES)
+  K_CONFIG, K_DEAD_CLASS
+-- Per key base, built once per library load: a server holds a handful of queues.
+local key_names = {}
+local function keyspace(base)
+  local names = key_names[base]
+  if names == nil then
+    names = {}
+    for i, suffix in ipairs(KEY_SUFFIXES) do
+      names[i] = base .. suffix
+    end
+    key_names[base] = names
+  end
+  return unpack(names)
+end
 
 local function fmt(n)
   return string.format('%d', n)
@@ -31,7 +44,7 @@ local function clock()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local NOW_MS = clock()
+local NOW_MS
 
 -- Defaults of the sparse job fields: enqueue stores only the fields that differ from these.
 local DEFAULTS = {g = '', m = '3', o = '300000', bb = '1000', bc = '3600000', bj = '1'}
@@ -62,14 +75,15 @@ local function attempts_of(value)
   end
   return math.floor(n)
 end
-local tick_n = 0
+local tick_n
 local function tick()
   tick_n = math.min(tick_n + 1, 1023)
   return string.format('%.4f', NOW_MS + tick_n / 1024)
 end
 
 -- Queue-wide settings, read once per call; QueueConfig in config.py documents each one.
-local CONFIG = (function()
+local CONFIG
+local function read_config()
   local raw = redis.call('HMGET', K_CONFIG, 'done_ttl_ms', 'dead_max', 'dead_ttl_ms', 'events_max',
     'starvation_ms')
   return {
@@ -79,15 +93,14 @@ local CONFIG = (function()
     events_max = tonumber(raw[4]) or 1000000,
     starvation_ms = tonumber(raw[5]) or 10000,
   }
-end)()
+end
 
 -- Transitions are buffered per event kind and written by finish() as one stream entry per
 -- kind per call: {e = kind, d = JSON array of [job id, job type, class, attempt, detail]}.
 -- The history writer expands them into PostgreSQL rows; the entry id carries the time.
 -- The stream is capped (approximately, in entries) so that a history writer that is down for
 -- days cannot exhaust Redis memory; the writer warns long before the cap is reached.
-local events = {}
-local event_order = {}
+local events, event_order
 local function emit(event, id, jtype, class, attempt, detail)
   local list = events[event]
   if list == nil then
@@ -103,7 +116,7 @@ end
 -- as strings: cjson rounds above 14 digits), in an entry of kind 'queued_run'; the history
 -- reader expands it into one 'queued' row per id. One record per job cost a fifth of a bulk
 -- enqueue's time in Redis.
-local queued_runs = {}
+local queued_runs
 local function emit_queued(seq, jtype, class)
   local last = queued_runs[#queued_runs]
   if last and last.next == seq and last[4] == jtype and last[5] == class then
@@ -115,20 +128,20 @@ local function emit_queued(seq, jtype, class)
   end
 end
 
-local woken = {}
+local woken
 local function wake(class)
   woken[class] = true
 end
 
 -- Counter changes are summed per call and written once at the end (see finish()).
-local pending_counts = {}
+local pending_counts
 local function count(field, delta)
   pending_counts[field] = (pending_counts[field] or 0) + delta
 end
 
 -- Groups known to be in ready:<class> during this call, so a batch of jobs for one group
 -- costs one ZADD, not one per job.
-local ready_seen = {}
+local ready_seen
 
 -- Idle workers block on wake:<class>; a few tokens per class per call are enough to start
 -- every idle worker, because a woken worker keeps claiming until the class runs dry.
@@ -163,8 +176,7 @@ end
 -- enqueue.lua collects the ids it appends to each group list and writes them with one RPUSH
 -- per list (flush_pushes) instead of one per job. Only a script that reads no group list
 -- before flushing may turn this on: an id still in the buffer is not in its list yet.
-local buffered_pushes = nil
-local push_order = {}
+local buffered_pushes, push_order
 
 local function flush_pushes()
   for _, list in ipairs(push_order) do
@@ -441,4 +453,18 @@ local function enqueue_one(seq, spec, payload, dedup_key)
   return id, 1
 end
 
--- Script body follows.
+-- Every operation starts here: the call's time, key names, settings and empty buffers (the
+-- library's locals outlive a call, so nothing of the previous call may leak into this one).
+local function begin(keys, args)
+  KEYS, ARGV = keys, args
+  K_JOB, K_ERR, K_READY, K_GROUP, K_DELAYED, K_LEASE, K_DEAD, K_DEDUP, K_RATE,
+    K_LIMITS, K_PAUSED, K_WAKE, K_EVENTS, K_SEQ, K_COUNTS, K_WORKERS, K_WORKER, K_SCHEDULE,
+    K_CONFIG, K_DEAD_CLASS = keyspace(keys[1])
+  NOW_MS = clock()
+  tick_n = 0
+  CONFIG = read_config()
+  events, event_order, queued_runs, woken, pending_counts, ready_seen = {}, {}, {}, {}, {}, {}
+  buffered_pushes, push_order = nil, {}
+end
+
+-- The operations follow, one function each (see scripts.py).
