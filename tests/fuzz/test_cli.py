@@ -480,10 +480,10 @@ def test_a_redis_error_part_way_says_how_many_jobs_were_enqueued(
 ) -> None:
     _empty(queue)
     monkeypatch.setattr(producing, "BATCH_LIMIT", 2)
-    # A real Redis error in the second chunk only: its dedup key holds a list, so enqueue.lua's
-    # GET of it fails with WRONGTYPE before the script writes anything.
-    queue.client.rpush(queue.keys.dedup("k"), "x")
-    stdin = b'{"type": "a"}\n{"type": "a"}\n{"type": "a", "dedup_key": "k"}\n'
+    # A real Redis error in the second chunk only: the job id sequence reaches 2**53 there, so
+    # enqueue.lua refuses it before it writes anything.
+    queue.client.set(queue.keys.base + "seq", 2**53 - 3)
+    stdin = b'{"type": "a"}\n{"type": "a"}\n{"type": "a"}\n'
     result = run(redis_server.url, queue.keys.queue, "enqueue", "--stdin", input=stdin)
     assert result.exit_code == 1
     assert result.stderr.startswith(

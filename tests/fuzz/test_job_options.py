@@ -187,10 +187,11 @@ def _claim_all(queue: Queue) -> dict[str, list[Any]]:
             queue.keys.script_keys,
             [100, 60_000, "fuzz/1", len(PRIORITY_CLASSES), *PRIORITY_CLASSES],
         )
-        if len(raw) == 3:
+        assert raw[3] == b"", raw[3]
+        if len(raw) == 4:
             return rows
         # Each row: id, token, class, type, payload, attempts, max_attempts, timeout_ms, ...
-        rows.update({row[0].decode(): row for row in raw[3:]})
+        rows.update({row[0].decode(): row for row in raw[4:]})
 
 
 def _check_stored(queue: Queue, spec: JobSpec, job_id: str, before_ms: int) -> str:

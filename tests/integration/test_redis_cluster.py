@@ -87,7 +87,7 @@ def test_every_queue_operation_runs_on_a_three_master_cluster(cluster: RedisClus
         claimed = scripts.CLAIM.run(
             cluster, keys, [100, 30_000, "w/1", len(PRIORITY_CLASSES), *PRIORITY_CLASSES]
         )
-        jobs = claimed[3:]
+        jobs = claimed[4:]
         assert [j[2] for j in jobs] == [b"critical"] + [b"low"] * 10
         assert scripts.ACK.run(cluster, keys, [jobs[0][0], jobs[0][1], 1]) == []
         outcome = scripts.FAIL.run(
@@ -101,7 +101,7 @@ def test_every_queue_operation_runs_on_a_three_master_cluster(cluster: RedisClus
         carried = scripts.CLAIM.run(
             cluster, keys, [0, 30_000, "w/2", 1, "low", jobs[3][0], jobs[3][1], 2]
         )
-        assert carried[2:] == [[]]
+        assert carried[2:] == [[], b""]
         assert not cluster.exists(queue.keys.job(jobs[3][0].decode()))
 
         time.sleep(0.1)

@@ -191,3 +191,24 @@ def test_a_record_whose_attempt_count_is_not_a_number_is_still_run(
     assert not worker.logs(event="wait_refused")
     assert not worker.logs(event="claim_failed")
     assert_conserved(tracked.client, tracked.keys.queue, ["inf-attempts", "nan", good])
+
+
+def test_a_foreign_key_in_one_class_leaves_the_others_running_with_one_warning(
+    workers: Workers, tracked: Queue, job_ledger: Ledger
+) -> None:
+    """Something else rewrote the low class's ready set as a string: every claim meets it. The
+    worker keeps running the other classes, promptly, and says so once (not once per claim)."""
+    tracked.client.set(tracked.keys.ready("low"), "not a zset")
+    worker = workers.start(concurrency=4)
+    ids = [r.id for r in tracked.enqueue_batch("noop", ({"i": i} for i in range(20)))]
+    job_ledger.wait_rows(len(ids), timeout=10, outcome="ok")
+    # An idle worker still picks up new work at once.
+    late = tracked.enqueue("noop", {"late": True}, priority="critical").id
+    job_ledger.wait_rows(1, timeout=2, job_id=late)
+
+    problems = worker.logs(event="claim_problem")
+    assert len(problems) == 1
+    assert "WRONGTYPE" in problems[0]["message"]
+    assert not worker.logs(event="claimer_crashed")
+    tracked.client.delete(tracked.keys.ready("low"))
+    assert_conserved(tracked.client, tracked.keys.queue, [*ids, late])

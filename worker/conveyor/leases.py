@@ -48,6 +48,9 @@ class ClaimResult:
     jobs: list[Claimed]
     stale_acks: list[str] = field(default_factory=list)
     """Ids of the acks sent along with the claim whose lease had been lost."""
+    problem: str = ""
+    """The error that stopped the claim early (a key of another type under one of the queue's
+    names); the acks and the jobs above were recorded all the same."""
 
 
 Ack = tuple[str, str, int]
@@ -95,8 +98,9 @@ def _parse_claim(raw: list[Any]) -> ClaimResult:
     return ClaimResult(
         int(raw[0]),
         int(raw[1]),
-        [_parse_claimed(r) for r in raw[3:]],
+        [_parse_claimed(r) for r in raw[4:]],
         [i.decode("utf-8", "surrogateescape") for i in raw[2]],
+        raw[3].decode(errors="replace"),
     )
 
 

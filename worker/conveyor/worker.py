@@ -101,8 +101,9 @@ class Worker:
         self.held: deque[tuple[Running, int]] = deque()
         self._cautious = False
         self._waiting_id: int | None = None
-        self._wait_refused = False
         """Redis client id of the connection blocked waiting for work, while it waits."""
+        self._wait_refused = False
+        self._problem_logged = False
         self.draining = asyncio.Event()
         self.closing = asyncio.Event()
         self.hurry = asyncio.Event()
@@ -274,6 +275,10 @@ class Worker:
                     )
                 await asyncio.sleep(backoff.next_delay())
                 continue
+            except BaseException:
+                # Not a refusal (a bug): the claimer ends, and its acks must not end with it.
+                self.reporter.put_back_acks(*acks)
+                raise
             if result is not None:
                 self.reporter.acked(*acks, result.stale_acks)
             self.outage.succeeded()
@@ -281,6 +286,7 @@ class Worker:
             # While claims come back short the queue is drained: wait for work and claim in
             # one round trip, until a claim fills its batch or something else needs the loop.
             while result is not None:
+                self._claim_problem(result)
                 await self._take(result)
                 if len(result.jobs) >= wanted or self.draining.is_set() or self.held:
                     break
@@ -291,6 +297,21 @@ class Worker:
                 # packed and sent: that send would otherwise sit in front of every pickup.
                 await asyncio.sleep(0)
                 result = await self._wait_then_claim(result, wanted)
+
+    def _claim_problem(self, result: ClaimResult) -> None:
+        """Log what stopped a claim early, once until a claim runs clean. The claim loop goes
+        on as usual: a short claim leads to the paced wait, never to an immediate retry."""
+        if not result.problem:
+            self._problem_logged = False
+            return
+        if not self._problem_logged:
+            log.warning(
+                "claim stopped early by a key of another type under the queue's names "
+                "(written by something other than Conveyor?): %s",
+                result.problem[:300],
+                extra={"event": "claim_problem"},
+            )
+            self._problem_logged = True
 
     def _wanted(self) -> int:
         free = self.settings.concurrency - len(self.running)
@@ -329,6 +350,9 @@ class Worker:
         except ConveyorError:
             self.reporter.put_back_acks(*acks)
             return
+        except BaseException:
+            self.reporter.put_back_acks(*acks)
+            raise
         if result is not None:
             self.reporter.acked(*acks, result.stale_acks)
         if result is not None and result.jobs:

@@ -166,10 +166,12 @@ local function finish()
       redis.call('HINCRBY', K_COUNTS, field, delta)
     end
   end
+  -- Waking is a courtesy (idle workers also look every sweep interval), so a wake-up key of
+  -- another type must not fail a call whose work is all done by now.
   for class, _ in pairs(woken) do
     local key = K_WAKE .. class
-    redis.call('RPUSH', key, '1', '1', '1', '1', '1', '1', '1', '1')
-    redis.call('LTRIM', key, -WAKE_TOKENS, -1)
+    redis.pcall('RPUSH', key, '1', '1', '1', '1', '1', '1', '1', '1')
+    redis.pcall('LTRIM', key, -WAKE_TOKENS, -1)
   end
 end
 
@@ -314,7 +316,9 @@ local function fail_attempt(id, class, reason, message, permanent, base_ms, cap_
   redis.call('ZREM', K_LEASE .. class, id)
   -- A lease token is '<worker id>/<claim>:<n>', so the failed run's worker is its prefix.
   local worker = string.match(job[7] or '', '^(.*)/') or ''
-  redis.call('RPUSH', K_ERR .. id, cjson.encode({
+  -- pcall: an error list that something else rewrote with another type loses this record,
+  -- not the job (the lease is already gone from its set).
+  redis.pcall('RPUSH', K_ERR .. id, cjson.encode({
     attempt = attempt, reason = reason, error = message, at = NOW_MS, worker = worker,
   }))
   if permanent or attempt >= max_attempts then
@@ -405,8 +409,9 @@ end
 -- INCRBY per call. Returns id, 1 when created / 0 when deduplicated.
 local function enqueue_one(seq, spec, payload, dedup_key)
   if dedup_key ~= '' then
-    local existing = redis.call('GET', K_DEDUP .. dedup_key)
-    if existing then
+    -- A key of another type under the dedup name holds no job id: SET below replaces it.
+    local existing = redis.pcall('GET', K_DEDUP .. dedup_key)
+    if type(existing) == 'string' then
       return existing, 0
     end
   end

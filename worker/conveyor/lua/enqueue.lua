@@ -11,9 +11,25 @@
 --          which spares a bulk enqueue thousands of reply strings; otherwise the flat array
 --          id1, created1, id2, created2, ... (created: 1 new, 0 deduplicated)
 local out = nil -- built only once a job is deduplicated (see Returns)
-local pos = 2
-local seq = tonumber(redis.call('GET', K_SEQ) or 0)
-local total = 0
+
+-- Job i of the call gets number seq + i, reserved here before anything is written: a call
+-- that fails halfway leaves its numbers used, so no later call can hand out an id that a
+-- half-written record already holds. (A deduplicated job leaves its number unused.)
+local jobs, pos = 0, 2
+for _ = 1, tonumber(ARGV[1]) do
+  local k = tonumber(ARGV[pos + 13])
+  jobs = jobs + k
+  pos = pos + 15 + k * (ARGV[pos + 14] == '1' and 2 or 1)
+end
+local seq = redis.call('INCRBY', K_SEQ, jobs) - jobs
+if seq + jobs >= 2 ^ 53 then
+  -- From 2^53 on Lua numbers skip integers (the reply above is rounded too): two jobs would
+  -- share an id.
+  return redis.error_reply('job id sequence exhausted (2^53)')
+end
+
+local index = 0
+pos = 2
 buffered_pushes = {}
 for _ = 1, tonumber(ARGV[1]) do
   local spec = {unpack(ARGV, pos, pos + 12)}
@@ -22,10 +38,10 @@ for _ = 1, tonumber(ARGV[1]) do
   local stride = keyed and 2 or 1
   pos = pos + 15
   for _ = 1, k do
-    local id, created = enqueue_one(seq + total, spec, ARGV[pos], keyed and ARGV[pos + 1] or '')
+    local id, created = enqueue_one(seq + index, spec, ARGV[pos], keyed and ARGV[pos + 1] or '')
     if created == 0 and out == nil then
       out = {}
-      for i = 0, total - 1 do
+      for i = 0, index - 1 do
         out[#out + 1] = string.format('%013d-%016d', NOW_MS, seq + i)
         out[#out + 1] = 1
       end
@@ -34,14 +50,10 @@ for _ = 1, tonumber(ARGV[1]) do
       out[#out + 1] = id
       out[#out + 1] = created
     end
-    -- A deduplicated job takes no sequence number, so the created ids stay consecutive.
-    if created == 1 then
-      total = total + 1
-    end
+    index = index + 1
     pos = pos + stride
   end
 end
 flush_pushes()
-redis.call('SET', K_SEQ, fmt(seq + total))
 finish()
-return out or {'+', NOW_MS, seq, total}
+return out or {'+', NOW_MS, seq, jobs}

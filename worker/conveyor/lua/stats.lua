@@ -16,8 +16,9 @@ for _, class in ipairs(ARGV) do
   local oldest = -1
   local groups = redis.call('ZRANGE', K_READY .. class, 0, 99)
   for _, group in ipairs(groups) do
-    local id = redis.call('LINDEX', K_GROUP .. class .. ':' .. group, 0)
-    if id then
+    -- pcall: a group list that something else rewrote with another type shows no age.
+    local id = redis.pcall('LINDEX', K_GROUP .. class .. ':' .. group, 0)
+    if type(id) == 'string' then
       -- A job that never waited before has no 'qt' yet: it became ready when it was created.
       local times = read_job(id, 'qt', 'ct') or {}
       local qt = tonumber(times[1] or times[2])
