@@ -99,8 +99,8 @@ class Reporter:
     def take_acks(self) -> tuple[list[Ack], list[Labels]]:
         """Hand the buffered acks to a claim that will carry them. The caller owes either
         ``acked()`` with the claim's answer or ``put_back_acks()`` if the claim failed.
-        None while the reporter retries after a failure: it owns them until they are sent,
-        and says so in the log."""
+        Nothing while the reporter retries after a failure: it owns the acks until they are
+        sent, and logs the recovery where it logged the failure."""
         if self._retrying:
             return [], []
         return self._take_acks()
