@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -23,8 +24,10 @@ import redis
 from click.testing import CliRunner, Result
 
 from conveyor.cli import main
+from conveyor.errors import JobNotFound
 from conveyor.queue import Queue
 from tests.support.scripted import ScriptedWorker
+from tests.support.workers import wait_until
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -376,3 +379,45 @@ def test_schedule_list_reads_the_readme_example(
         ["queue-report", "*/15 * * * *", "UTC", "send_queue_report", "skip"],
     ]
     assert rows[0][6].endswith((" 02:30:00+01:00", " 02:30:00+02:00"))
+
+
+def test_the_console_script_runs_handlers_from_the_current_directory(
+    redis_url: str, queue: Queue, tmp_path: Path
+) -> None:
+    """The README's `conveyor worker myapp.tasks`, run from the directory holding `myapp/`
+    through the installed console script (whose sys.path, unlike `python -m conveyor`'s, does
+    not start with the current directory): a new-user trial found it refused to start."""
+    (tmp_path / "myapp").mkdir()
+    (tmp_path / "myapp" / "__init__.py").write_text("")
+    (tmp_path / "myapp" / "tasks.py").write_text(
+        "from conveyor.registry import task\n\n\n@task('hello_cwd')\nasync def hello(job):\n"
+        "    pass\n"
+    )
+    script = Path(sys.executable).parent / "conveyor"
+    env = _environment(80)
+    env.pop("PYTHONPATH", None)
+    job = queue.enqueue("hello_cwd", {})
+    argv = [str(script), "--redis-url", redis_url, "--queue", queue.keys.queue]
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            [*argv, "worker", "myapp.tasks", "--concurrency", "1", "--grace", "1"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: _gone(queue, job.id) or worker.poll() is not None, 20, "the job")
+        assert worker.poll() is None, log.read_text()
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+
+
+def _gone(queue: Queue, job_id: str) -> bool:
+    try:
+        queue.get_job(job_id)
+    except JobNotFound:
+        return True
+    return False

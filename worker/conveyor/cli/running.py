@@ -130,6 +130,11 @@ def _import_handlers(modules: tuple[str, ...]) -> None:
     and a worker with no handlers would dead-letter every job it claims."""
     from conveyor.registry import default_registry
 
+    # The `conveyor` console script starts with its own directory on sys.path, while the
+    # worker processes run as `python -m conveyor`, which puts the current directory first:
+    # give this check the workers' path, or it refuses modules that they would import.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     for module in modules:
         try:
             importlib.import_module(module)
