@@ -14,6 +14,7 @@ script call per batch of jobs instead of two.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -35,6 +36,8 @@ class Outage:
 
     def __init__(self) -> None:
         self.since: float | None = None
+        self.reachable = asyncio.Event()
+        """Set by any loop that reaches Redis: a reporter backing off retries at once."""
 
     def failed(self, what: str, exc: BaseException) -> None:
         if self.since is not None:
@@ -49,6 +52,7 @@ class Outage:
         )
 
     def succeeded(self) -> None:
+        self.reachable.set()
         if self.since is None:
             return
         log.info(
@@ -147,7 +151,7 @@ class Reporter:
                             exc,
                             extra={"event": "report_retry"},
                         )
-                    await asyncio.sleep(random.uniform(0, min(5.0, 0.05 * 2**failures)))
+                    await self._back_off(failures, outage=isinstance(exc, BackendUnavailable))
                     continue
                 except Exception:
                     # A bug must not end the reporter: every later outcome would go unsent
@@ -160,7 +164,7 @@ class Reporter:
                             self.pending,
                             extra={"event": "report_error"},
                         )
-                    await asyncio.sleep(random.uniform(0, min(5.0, 0.05 * 2**failures)))
+                    await self._back_off(failures)
                     continue
                 self.outage.succeeded()
                 self._retrying = False
@@ -172,6 +176,18 @@ class Reporter:
                     )
                     failures = 0
             self._idle.set()
+
+    async def _back_off(self, failures: int, *, outage: bool = False) -> None:
+        """Wait before the next try. After an outage, no longer than until another loop
+        reaches Redis again: an outcome sent late lets its lease expire, and the job would run
+        again. (A refusal by a reachable Redis waits out its backoff.)"""
+        delay = random.uniform(0, min(5.0, 0.05 * 2**failures))
+        if not outage:
+            await asyncio.sleep(delay)
+            return
+        self.outage.reachable.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.outage.reachable.wait(), delay)
 
     async def _send_once(self) -> None:
         if self._acks:
