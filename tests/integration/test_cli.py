@@ -26,10 +26,9 @@ from click.testing import CliRunner, Result
 from conveyor.cli import main
 from conveyor.errors import JobNotFound
 from conveyor.queue import Queue
+from tests.support.readme import readme_schedules
 from tests.support.scripted import ScriptedWorker
 from tests.support.workers import wait_until
-
-README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def cli(redis_url: str, queue: Queue, *args: str) -> Result:
@@ -349,16 +348,6 @@ def test_top_piped_fails_in_one_line_when_redis_is_unreachable(queue: Queue) -> 
 
 
 # -- the README's schedules example ------------------------------------------------------------
-
-
-def readme_schedules(tmp_path: Path) -> Path:
-    """The YAML example of the README's "Recurring jobs" section, as a file."""
-    section = README.read_text().split("## Recurring jobs", 1)[1]
-    example = re.search(r"```yaml\n(.*?)```", section, re.DOTALL)
-    assert example is not None, "no YAML example under 'Recurring jobs' in README.md"
-    path = tmp_path / "schedules.yaml"
-    path.write_text(example.group(1))
-    return path
 
 
 def test_schedule_list_reads_the_readme_example(

@@ -14,8 +14,7 @@ from click.testing import CliRunner
 from conveyor.cli import main, running
 from conveyor.config import WorkerSettings
 from conveyor.schedule import configured_schedules, load_schedules
-
-README = Path(__file__).resolve().parents[2] / "README.md"
+from tests.support.readme import readme_schedules
 
 
 def _metavars() -> dict[str, str]:
@@ -53,11 +52,7 @@ def test_every_named_worker_metavar_belongs_to_a_setting() -> None:
 
 
 def test_the_readme_schedules_example_parses(tmp_path: Path) -> None:
-    section = README.read_text().split("## Recurring jobs", 1)[1]
-    example = re.search(r"```yaml\n(.*?)```", section, re.DOTALL)
-    assert example is not None, "no YAML example under 'Recurring jobs' in README.md"
-    path = tmp_path / "schedules.yaml"
-    path.write_text(example.group(1))
+    path = readme_schedules(tmp_path)
 
     loaded = load_schedules(path)
     configured = configured_schedules(str(path))
